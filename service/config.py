@@ -1,0 +1,219 @@
+"""Configuration, read from the environment exactly as SERVICE.md names it.
+
+`Config.from_env` validates everything at start, so a deployment with a bad
+value stops at once with one line naming the variable, instead of failing on
+the first message hours later.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+DEFAULT_VERO_API_URL = "https://api.getvero.com/api/v2"
+DEFAULT_SEGMENT_API_URL = "https://api.segment.io/v1"
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message starts with the variable's name."""
+
+
+@dataclass(frozen=True)
+class Config:
+    vero_auth_token: str | None = None
+    vero_tracking_api_key: str | None = None
+    vero_api_url: str = DEFAULT_VERO_API_URL
+    vero_allow_anonymous: bool = False
+    segment_shared_secret: str | None = None
+    segment_write_key: str | None = None
+    segment_api_url: str = DEFAULT_SEGMENT_API_URL
+    vero_webhook_token: str | None = None
+    vero_event_names: dict[str, str | None] = field(default_factory=dict)
+    # None means "a SQLite file in the app's instance folder", which only the
+    # app factory knows.
+    database_url: str | None = None
+    port: int = 8000
+    max_body_bytes: int = 4 * 1024 * 1024
+    outbox_lease_seconds: float = 30.0
+    outbox_max_attempts: int = 25
+    outbox_max_age_hours: float = 72.0
+    outbox_retention_hours: float = 168.0
+    delivery_in_web: bool = True
+    # Settings beyond SERVICE.md's fixed names, for operators and tests.
+    delivery_threads: int = 4
+    delivery_poll_seconds: float = 0.25
+    log_level: str = "INFO"
+
+    @property
+    def vero_credential(self) -> tuple[str, str] | None:
+        """The body parameter Vero authenticates by, as (name, value)."""
+        if self.vero_auth_token:
+            return ("auth_token", self.vero_auth_token)
+        if self.vero_tracking_api_key:
+            return ("tracking_api_key", self.vero_tracking_api_key)
+        return None
+
+    @property
+    def vero_enabled(self) -> bool:
+        return self.vero_credential is not None
+
+    @property
+    def segment_enabled(self) -> bool:
+        return bool(self.segment_write_key)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Config":
+        env = os.environ if env is None else env
+        read = _Reader(env)
+        config = cls(
+            vero_auth_token=read.secret("VERO_AUTH_TOKEN"),
+            vero_tracking_api_key=read.secret("VERO_TRACKING_API_KEY"),
+            vero_api_url=read.url("VERO_API_URL", DEFAULT_VERO_API_URL, ("http", "https")),
+            vero_allow_anonymous=read.boolean("VERO_ALLOW_ANONYMOUS", False),
+            segment_shared_secret=read.secret("SEGMENT_SHARED_SECRET"),
+            segment_write_key=read.secret("SEGMENT_WRITE_KEY"),
+            segment_api_url=read.url("SEGMENT_API_URL", DEFAULT_SEGMENT_API_URL, ("http", "https")),
+            vero_webhook_token=read.secret("VERO_WEBHOOK_TOKEN"),
+            vero_event_names=read.event_names("VERO_EVENT_NAMES"),
+            database_url=read.database_url("DATABASE_URL"),
+            port=read.integer("PORT", 8000, 1, 65535),
+            max_body_bytes=read.integer("MAX_BODY_BYTES", 4 * 1024 * 1024, 1024, 1 << 30),
+            outbox_lease_seconds=read.number("OUTBOX_LEASE_SECONDS", 30.0, 1.0),
+            outbox_max_attempts=read.integer("OUTBOX_MAX_ATTEMPTS", 25, 1, 1000),
+            outbox_max_age_hours=read.number("OUTBOX_MAX_AGE_HOURS", 72.0, 0.001),
+            outbox_retention_hours=read.number("OUTBOX_RETENTION_HOURS", 168.0, 0.0),
+            delivery_in_web=read.boolean("DELIVERY_IN_WEB", True),
+            delivery_threads=read.integer("DELIVERY_THREADS", 4, 1, 64),
+            delivery_poll_seconds=read.number("DELIVERY_POLL_SECONDS", 0.25, 0.01),
+            log_level=read.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        )
+        if config.vero_auth_token and config.vero_tracking_api_key:
+            raise ConfigError(
+                "VERO_AUTH_TOKEN: set either VERO_AUTH_TOKEN or VERO_TRACKING_API_KEY, not both"
+            )
+        return config
+
+
+class _Reader:
+    """Reads one variable at a time, raising ConfigError that names it."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def secret(self, name: str) -> str | None:
+        return self.raw(name)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        lowered = value.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a whole number, got {value!r}") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{name}: expected a number from {low} to {high}, got {number}")
+        return number
+
+    def number(self, name: str, default: float, low: float) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        if not number >= low or number == float("inf"):
+            raise ConfigError(f"{name}: expected a number of at least {low}, got {value!r}")
+        return number
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if value.upper() not in choices:
+            raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+        return value.upper()
+
+    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            parts = urlsplit(value)
+            parts.port  # raises ValueError on a malformed port
+        except ValueError:
+            raise ConfigError(f"{name}: not a valid URL") from None
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ConfigError(f"{name}: expected an {' or '.join(schemes)} URL with a host")
+        return value.rstrip("/")
+
+    def database_url(self, name: str) -> str | None:
+        value = self.raw(name)
+        if value is None:
+            return None
+        scheme = value.split(":", 1)[0].lower()
+        if scheme == "sqlite":
+            if not value.lower().startswith("sqlite:///") or len(value) <= len("sqlite:///"):
+                raise ConfigError(f"{name}: expected sqlite:///path/to/file.db")
+            return value
+        if scheme in ("postgres", "postgresql"):
+            try:
+                parts = urlsplit(value)
+                parts.port
+            except ValueError:
+                raise ConfigError(f"{name}: not a valid PostgreSQL URL") from None
+            # The "postgres://" form is what Heroku and others set.
+            return "postgresql" + value[len(scheme):]
+        # Never echo the value: a database URL usually carries a password.
+        raise ConfigError(f"{name}: expected a sqlite:/// or postgresql:// URL")
+
+    def event_names(self, name: str) -> dict[str, str | None]:
+        value = self.raw(name)
+        if value is None:
+            return {}
+        try:
+            parsed: Any = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"{name}: not valid JSON") from None
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"{name}: expected a JSON object")
+        for key, event in parsed.items():
+            if event is not None and (not isinstance(event, str) or not event.strip()):
+                raise ConfigError(f"{name}: the name for {key!r} must be a non-empty string or null")
+        return parsed
+
+
+def load_or_exit() -> Config:
+    """Read the environment (and a local .env file, which never overrides it);
+    on an invalid setting print one line naming the variable and exit."""
+    from dotenv import load_dotenv
+
+    load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
+    try:
+        return Config.from_env()
+    except ConfigError as exc:
+        print(f"vero-bridge: invalid configuration: {exc}", file=sys.stderr, flush=True)
+        # 4 is gunicorn's "app failed to load": its master then stops instead
+        # of restarting workers that can never boot.
+        raise SystemExit(4) from None
