@@ -1,0 +1,101 @@
+"""The durable outbox: accepted work waits here until its upstream has it.
+
+A store keeps items in one of three states: `pending` (waiting, or claimed by a
+worker under a lease), `delivered` (kept for de-duplication until purged) and
+`dead` (gave up; an operator may replay it). The SQLite and PostgreSQL stores
+implement the same small set of methods (see `Store`), so nothing above this
+package knows which one it talks to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+from service.results import Accept
+
+PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+# Not a stored state: pending items whose lease has not run out.
+IN_FLIGHT = "in_flight"
+
+
+class StoreError(RuntimeError):
+    """The store could not be read or written; the message is safe to show."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One claimed piece of work, as a worker sees it."""
+
+    id: int
+    direction: str
+    order_key: str
+    payload: dict[str, Any]
+    attempts: int  # including the one now under way
+    progress: int  # how many of the item's calls are already delivered
+    created_at: float
+    lease: str  # proves the claim is still ours when settling
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What becomes of a claimed item after a delivery attempt."""
+
+    item: Item
+    state: str
+    available_at: float
+    error: str | None
+    progress: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class DeadItem:
+    id: int
+    direction: str
+    order_key: str
+    attempts: int
+    error: str | None
+    created_at: float
+    updated_at: float
+    payload: dict[str, Any]
+
+
+class Store(Protocol):
+    def enqueue(self, direction: str, items: Sequence[Accept], now: float) -> list[bool]:
+        """Store new work in one transaction; True where new, False where a duplicate."""
+
+    def claim(self, direction: str, limit: int, lease_seconds: float, now: float) -> list[Item]:
+        """Lease up to `limit` due items, at most one per order key: the oldest
+        unfinished one, so that one user's work goes out in order."""
+
+    def settle(self, settlements: Sequence[Settlement], now: float) -> None:
+        """Record outcomes; a settlement whose lease was lost is ignored."""
+
+    def counts(self, now: float) -> dict[tuple[str, str], int]:
+        """(direction, state) -> number of items; state includes IN_FLIGHT."""
+
+    def oldest_pending(self) -> dict[str, float]:
+        """direction -> created_at of its oldest pending item."""
+
+    def dead(self, direction: str | None, limit: int) -> list[DeadItem]: ...
+
+    def replay(self, ids: Sequence[int] | None, direction: str | None, now: float) -> int: ...
+
+    def purge(self, delivered_before: float) -> int: ...
+
+    def check(self, now: float) -> None:
+        """Raise StoreError unless the store can be written."""
+
+    def close(self) -> None: ...
+
+
+def open_store(url: str) -> Store:
+    if url.startswith("sqlite:///"):
+        from service.outbox.sqlite import SQLiteStore
+
+        return SQLiteStore(url[len("sqlite:///"):])
+    if url.startswith("postgresql://"):
+        from service.outbox.postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError("unsupported store URL")

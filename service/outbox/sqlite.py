@@ -1,0 +1,235 @@
+"""The embedded outbox: one SQLite file in WAL mode, shared by every process on
+the machine (gunicorn workers and `outbox deliver` alike)."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import uuid
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+from service.outbox import (
+    DEAD,
+    DELIVERED,
+    IN_FLIGHT,
+    PENDING,
+    DeadItem,
+    Item,
+    Settlement,
+    StoreError,
+)
+from service.results import Accept
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    direction     TEXT    NOT NULL,
+    dedup_key    TEXT    NOT NULL,
+    order_key    TEXT    NOT NULL,
+    payload      TEXT    NOT NULL,
+    state        TEXT    NOT NULL DEFAULT 'pending',
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    progress     INTEGER NOT NULL DEFAULT 0,
+    available_at REAL    NOT NULL,
+    lease        TEXT,
+    last_error   TEXT,
+    created_at   REAL    NOT NULL,
+    updated_at   REAL    NOT NULL,
+    UNIQUE (direction, dedup_key)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (direction, available_at, id)
+    WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_user ON outbox (direction, order_key, id)
+    WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_finished ON outbox (state, updated_at)
+    WHERE state != 'pending';
+CREATE TABLE IF NOT EXISTS outbox_probe (id INTEGER PRIMARY KEY, checked_at REAL NOT NULL);
+"""
+
+# A pending item is claimable when it is due (a lease is an `available_at` in
+# the future) and no older pending item of the same user is ahead of it.
+CLAIM = """
+UPDATE outbox SET available_at = :lease_until, lease = :lease, attempts = attempts + 1
+WHERE id IN (
+    SELECT o.id FROM outbox AS o
+    WHERE o.direction = :direction AND o.state = 'pending' AND o.available_at <= :now
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox AS p
+          WHERE p.direction = o.direction AND p.order_key = o.order_key
+            AND p.state = 'pending' AND p.id < o.id)
+    ORDER BY o.available_at, o.id
+    LIMIT :limit)
+RETURNING id, order_key, payload, attempts, progress, created_at
+"""
+
+
+class SQLiteStore:
+    def __init__(self, path: str):
+        self.path = path
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._ready = False
+
+    # -- connections -------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._open()
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        if not self._ready:
+            self._create_schema(conn)
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            # Autocommit mode: transactions are opened explicitly below.
+            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL makes each commit durable across power loss, not only a
+            # process crash: an acknowledged message must survive both.
+            conn.execute("PRAGMA synchronous = FULL")
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the SQLite outbox: {exc}") from exc
+        return conn
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        with self._write(conn):
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version < SCHEMA_VERSION:
+                # Not executescript: it would commit our open transaction first.
+                for statement in filter(str.strip, SCHEMA.split(";")):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._ready = True
+
+    @contextmanager
+    def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        """One write transaction. IMMEDIATE takes the write lock up front, so two
+        processes never both read and then fail to upgrade to writing."""
+        conn = conn or self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"the SQLite outbox cannot be written: {exc}") from exc
+
+    def _read(self, sql: str, params: dict | tuple = ()) -> list[tuple]:
+        try:
+            return self._connection().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"the SQLite outbox cannot be read: {exc}") from exc
+
+    # -- the Store interface -----------------------------------------------
+
+    def enqueue(self, direction: str, items: Sequence[Accept], now: float) -> list[bool]:
+        inserted = []
+        with self._write() as conn:
+            for item in items:
+                cursor = conn.execute(
+                    "INSERT INTO outbox (direction, dedup_key, order_key, payload,"
+                    " available_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (direction, dedup_key) DO NOTHING",
+                    (direction, item.dedup_key, item.order_key,
+                     json.dumps(item.payload, separators=(",", ":")), now, now, now),
+                )
+                inserted.append(cursor.rowcount == 1)
+        return inserted
+
+    def claim(self, direction: str, limit: int, lease_seconds: float, now: float) -> list[Item]:
+        lease = uuid.uuid4().hex
+        params = {"direction": direction, "now": now, "limit": limit,
+                  "lease": lease, "lease_until": now + lease_seconds}
+        with self._write() as conn:
+            rows = conn.execute(CLAIM, params).fetchall()
+        items = [
+            Item(id=row[0], direction=direction, order_key=row[1], payload=json.loads(row[2]),
+                 attempts=row[3], progress=row[4], created_at=row[5], lease=lease)
+            for row in rows
+        ]
+        items.sort(key=lambda item: item.id)
+        return items
+
+    def settle(self, settlements: Sequence[Settlement], now: float) -> None:
+        if not settlements:
+            return
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE outbox SET state = ?, available_at = ?, last_error = ?, progress = ?,"
+                " attempts = ?, lease = NULL, updated_at = ? WHERE id = ? AND lease = ?",
+                [(s.state, s.available_at, s.error, s.progress, s.attempts, now,
+                  s.item.id, s.item.lease) for s in settlements],
+            )
+
+    def counts(self, now: float) -> dict[tuple[str, str], int]:
+        rows = self._read(
+            "SELECT direction, CASE WHEN state = 'pending' AND lease IS NOT NULL"
+            " AND available_at > ? THEN ? ELSE state END AS shown, count(*)"
+            " FROM outbox GROUP BY direction, shown",
+            (now, IN_FLIGHT),
+        )
+        return {(direction, state): count for direction, state, count in rows}
+
+    def oldest_pending(self) -> dict[str, float]:
+        rows = self._read(
+            "SELECT direction, min(created_at) FROM outbox WHERE state = 'pending' GROUP BY direction"
+        )
+        return dict(rows)
+
+    def dead(self, direction: str | None, limit: int) -> list[DeadItem]:
+        rows = self._read(
+            "SELECT id, direction, order_key, attempts, last_error, created_at, updated_at, payload"
+            " FROM outbox WHERE state = 'dead' AND (:direction IS NULL OR direction = :direction)"
+            " ORDER BY id LIMIT :limit",
+            {"direction": direction, "limit": limit},
+        )
+        return [DeadItem(*row[:7], payload=json.loads(row[7])) for row in rows]
+
+    def replay(self, ids: Sequence[int] | None, direction: str | None, now: float) -> int:
+        sql = ("UPDATE outbox SET state = 'pending', attempts = 0, available_at = ?,"
+               " lease = NULL, updated_at = ? WHERE state = 'dead'")
+        params: list = [now, now]
+        if direction is not None:
+            sql += " AND direction = ?"
+            params.append(direction)
+        with self._write() as conn:
+            if ids is None:
+                return conn.execute(sql, params).rowcount
+            return sum(conn.execute(sql + " AND id = ?", params + [i]).rowcount for i in ids)
+
+    def purge(self, delivered_before: float) -> int:
+        with self._write() as conn:
+            return conn.execute(
+                "DELETE FROM outbox WHERE state = ? AND updated_at < ?",
+                (DELIVERED, delivered_before),
+            ).rowcount
+
+    def check(self, now: float) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO outbox_probe (id, checked_at) VALUES (1, ?)", (now,))
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+
+__all__ = ["SQLiteStore", "PENDING", "DELIVERED", "DEAD"]
