@@ -1,0 +1,73 @@
+"""One process's runtime: its configuration, the outbox store, and (when this
+process delivers) the delivery workers."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Sequence
+
+from service import intake, metrics
+from service.config import Config
+from service.outbox import Store
+from service.outbox.delivery import RELEASED, SUCCEEDED, Deliverer, Limits, Outcome, Sender
+from service.results import Result
+
+log = logging.getLogger(__name__)
+
+SEGMENT_TO_VERO = "segment_to_vero"
+VERO_TO_SEGMENT = "vero_to_segment"
+HOUSEKEEPING_SECONDS = 600.0
+
+
+class Bridge:
+    def __init__(self, config: Config, store: Store, senders: Sequence[Sender]):
+        self.config = config
+        self.store = store
+        self.deliverer = Deliverer(
+            store, senders,
+            Limits(lease_seconds=config.outbox_lease_seconds,
+                   max_attempts=config.outbox_max_attempts,
+                   max_age_seconds=config.outbox_max_age_hours * 3600),
+            poll_seconds=config.delivery_poll_seconds,
+            on_outcome=count_outcome,
+        )
+        self._housekeeping: threading.Thread | None = None
+
+    def accept(self, direction: str, results: Sequence[Result]) -> intake.Summary:
+        summary = intake.record(self.store, direction, results, time.time())
+        if summary.accepted:
+            # Wake this process's workers now rather than at their next poll.
+            self.deliverer.wake(direction)
+        return summary
+
+    def purge(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        return self.store.purge(now - self.config.outbox_retention_hours * 3600)
+
+    def start_delivery(self) -> None:
+        self.deliverer.start()
+        self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping",
+                                              daemon=True)
+        self._housekeeping.start()
+
+    def stop_delivery(self, timeout: float = 25.0) -> None:
+        self.deliverer.stop(timeout)
+
+    def _housekeep(self) -> None:
+        stopping = self.deliverer.stopping
+        while not stopping.is_set():
+            try:
+                purged = self.purge()
+                if purged:
+                    log.info("purged delivered work past retention", extra={"purged": purged})
+            except Exception as exc:
+                log.warning("purge failed: %s", exc)
+            stopping.wait(HOUSEKEEPING_SECONDS)
+
+
+def count_outcome(sender: Sender, outcome: Outcome) -> None:
+    if outcome.kind == SUCCEEDED:
+        metrics.DELIVERIES.labels(sender.upstream, "succeeded", outcome.status).inc()
+    elif outcome.kind != RELEASED:
+        metrics.DELIVERIES.labels(sender.upstream, "failed", outcome.status).inc()

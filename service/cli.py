@@ -1,0 +1,122 @@
+"""Operator commands: `flask --app wsgi outbox status|dead|replay|deliver|purge`."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import click
+from flask import current_app
+from flask.cli import with_appcontext
+
+from service.metrics import DIRECTIONS
+from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING
+
+direction_option = click.option("--direction", type=click.Choice(DIRECTIONS), default=None,
+                                 help="Only this direction.")
+
+
+def _bridge():
+    return current_app.extensions["vero_bridge"]
+
+
+@click.group(help="Inspect and operate the durable outbox.")
+def outbox():
+    pass
+
+
+@outbox.command(help="Counts by state and direction, and the oldest pending age.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@with_appcontext
+def status(as_json: bool):
+    store = _bridge().store
+    now = time.time()
+    counts, oldest = store.counts(now), store.oldest_pending()
+    rows = []
+    for direction in DIRECTIONS:
+        in_flight = counts.get((direction, IN_FLIGHT), 0)
+        created = oldest.get(direction)
+        rows.append({
+            "direction": direction,
+            "pending": counts.get((direction, PENDING), 0) + in_flight,
+            "in_flight": in_flight,
+            "delivered": counts.get((direction, DELIVERED), 0),
+            "dead": counts.get((direction, DEAD), 0),
+            "oldest_pending_seconds": round(now - created, 1) if created else None,
+        })
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    header = f"{'direction':<16} {'pending':>8} {'in_flight':>9} {'delivered':>9} {'dead':>6}  oldest pending"
+    click.echo(header)
+    for row in rows:
+        age = "-" if row["oldest_pending_seconds"] is None else f"{row['oldest_pending_seconds']:.0f}s"
+        click.echo(f"{row['direction']:<16} {row['pending']:>8} {row['in_flight']:>9}"
+                   f" {row['delivered']:>9} {row['dead']:>6}  {age}")
+
+
+@outbox.command(help="List dead work with the last error.")
+@direction_option
+@click.option("--limit", default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines, with payloads.")
+@with_appcontext
+def dead(direction: str | None, limit: int, as_json: bool):
+    items = _bridge().store.dead(direction, limit)
+    for item in items:
+        if as_json:
+            click.echo(json.dumps({"id": item.id, "direction": item.direction,
+                                   "attempts": item.attempts, "error": item.error,
+                                   "created_at": item.created_at, "payload": item.payload}))
+        else:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item.created_at))
+            click.echo(f"{item.id}\t{item.direction}\t{when}Z\tattempts={item.attempts}\t{item.error}")
+    if not items and not as_json:
+        click.echo("no dead work")
+
+
+@outbox.command(help="Put dead work back to pending: the given ids, or --all.")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--all", "everything", is_flag=True, help="Replay all dead work.")
+@direction_option
+@with_appcontext
+def replay(ids: tuple[int, ...], everything: bool, direction: str | None):
+    if not ids and not everything:
+        raise click.UsageError("name the ids to replay, or pass --all")
+    count = _bridge().store.replay(None if everything else list(ids), direction, time.time())
+    click.echo(f"replayed {count}")
+
+
+@outbox.command(help="Run delivery workers in the foreground until SIGTERM or Ctrl-C.")
+@click.option("--once", is_flag=True, help="Deliver what is due now, then exit.")
+@with_appcontext
+def deliver(once: bool):
+    bridge = _bridge()
+    deliverer = bridge.deliverer
+    if not deliverer.senders:
+        raise click.ClickException("no direction is configured: nothing to deliver")
+    if once:
+        total = 0
+        for direction in deliverer.senders:
+            while handled := deliverer.run_once(direction):
+                total += handled
+        click.echo(f"handled {total}")
+        return
+    stop = lambda *_: deliverer.stopping.set()  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    bridge.start_delivery()
+    deliverer.stopping.wait()
+    bridge.stop_delivery()
+
+
+@outbox.command(help="Delete delivered work older than the retention time.")
+@click.option("--older-than-hours", type=float, default=None,
+              help="Instead of OUTBOX_RETENTION_HOURS.")
+@with_appcontext
+def purge(older_than_hours: float | None):
+    bridge = _bridge()
+    if older_than_hours is None:
+        count = bridge.purge()
+    else:
+        count = bridge.store.purge(time.time() - older_than_hours * 3600)
+    click.echo(f"purged {count}")
