@@ -1,0 +1,39 @@
+"""What both directions' edges share: reaching the runtime and shaping answers."""
+from __future__ import annotations
+
+import hmac
+from typing import Sequence
+
+from flask import current_app, jsonify
+
+from service import metrics
+from service.bridge import Bridge
+from service.results import Reject, Result
+
+
+def bridge() -> Bridge:
+    return current_app.extensions["vero_bridge"]
+
+
+def error(status: int, message: str):
+    return jsonify(error=message), status
+
+
+def refuse(direction: str, status: int, reason: str, message: str):
+    """Refuse a whole request (not configured, unauthorized, unreadable body)."""
+    metrics.REJECTED.labels(direction, reason).inc()
+    return error(status, message)
+
+
+def secret_matches(given: str | None, secret: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), secret.encode())
+
+
+def answer(direction: str, results: Sequence[Result], single: bool):
+    """A lone invalid message is a 400 naming the field; in a batch, invalid items
+    are listed and the valid ones accepted. Raises StoreError (-> 503) when the
+    outbox cannot be written."""
+    if single and isinstance(results[0], Reject):
+        bridge().accept(direction, results)  # counted, nothing stored
+        return error(400, results[0].error)
+    return jsonify(bridge().accept(direction, results).as_json()), 200

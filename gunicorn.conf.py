@@ -1,0 +1,82 @@
+"""gunicorn settings, read by `gunicorn wsgi:app` from the working directory.
+
+The relay is I/O-bound: a request waits on the outbox's commit, and delivery
+threads wait on Vero and Segment. So: one process per core (WEB_CONCURRENCY,
+which Heroku and others set, overrides) for the CPU-bound part (JSON, mapping),
+and threads in each (gthread) to overlap the waiting. Each worker process also
+runs the delivery threads when DELIVERY_IN_WEB is on (the default).
+"""
+import os
+import signal
+import tempfile
+
+# prometheus_client picks its multiprocess mode when first imported, so the
+# directory must exist before any worker imports the app.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vero-bridge-metrics-")
+
+from service.config import load_or_exit  # noqa: E402
+
+# Fail once, in the master, with one line naming the variable.
+_config = load_or_exit()
+
+bind = [f"0.0.0.0:{_config.port}"]
+workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 2))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", 8))
+timeout = 30
+# SIGTERM: stop claiming, finish or release deliveries in flight, then exit.
+graceful_timeout = 30
+keepalive = 5
+
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "service.logs.JsonFormatter"}},
+    "handlers": {"stdout": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout",
+                            "formatter": "json"}},
+    "root": {"level": _config.log_level, "handlers": []},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["stdout"], "propagate": False},
+        # The service writes its own access line (with the route, not the raw
+        # path, which would carry the webhook token); this stays off unless an
+        # operator asks for it, and is redacted then too.
+        "gunicorn.access": {"level": "INFO", "handlers": ["stdout"], "propagate": False},
+    },
+}
+
+
+def on_starting(server):
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.remove(os.path.join(directory, name))
+
+
+def post_worker_init(worker):
+    bridge = worker.wsgi.extensions["vero_bridge"]
+    if not bridge.config.delivery_in_web:
+        return
+    bridge.start_delivery()
+    # gunicorn's own SIGTERM handler only ends the request loop; stop claiming
+    # new work at the same moment so the drain fits in graceful_timeout.
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        bridge.deliverer.stopping.set()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def worker_exit(server, worker):
+    wsgi = getattr(worker, "wsgi", None)
+    if wsgi is not None:
+        wsgi.extensions["vero_bridge"].stop_delivery(timeout=20)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
