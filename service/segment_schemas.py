@@ -231,7 +231,8 @@ def validate_message(data: Any) -> dict[str, list[str]]:
     """
     if not isinstance(data, dict):
         return {"type": ["message must be a JSON object"]}
-    schema_class = SCHEMAS.get(data.get("type"))
+    kind = data.get("type")
+    schema_class = SCHEMAS.get(kind) if isinstance(kind, str) else None
     if schema_class is None:
         return {"type": ["unsupported message type"]}
     return _flatten(schema_class().validate(data))

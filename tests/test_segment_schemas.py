@@ -1,0 +1,245 @@
+"""The Segment message schemas: what loads, what is refused, and what dumps."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from marshmallow import ValidationError
+
+from service.segment_schemas import (
+    MESSAGE_TYPES,
+    SCHEMAS,
+    AliasSchema,
+    DeleteSchema,
+    GroupSchema,
+    IdentifySchema,
+    PageSchema,
+    ScreenSchema,
+    TrackSchema,
+    error_sentence,
+    format_timestamp,
+    parse_timestamp,
+    validate_message,
+)
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "segment-vero"
+
+
+def fixture_input(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text())["input"]
+
+
+def test_there_is_one_schema_per_message_type():
+    assert SCHEMAS == {
+        "identify": IdentifySchema,
+        "track": TrackSchema,
+        "page": PageSchema,
+        "screen": ScreenSchema,
+        "group": GroupSchema,
+        "alias": AliasSchema,
+        "delete": DeleteSchema,
+    }
+    assert tuple(SCHEMAS) == MESSAGE_TYPES
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "alias-basic.json",
+        "group-basic.json",
+        "identify-basic.json",
+        "identify-ua.json",
+        "page-basic.json",
+        "track-basic.json",
+        "track-unsubscribe.json",
+        "track-with-email.json",
+    ],
+)
+def test_every_fixture_message_is_valid(name):
+    assert validate_message(fixture_input(name)) == {}
+
+
+def test_a_group_without_any_user_is_invalid():
+    assert validate_message(fixture_input("group-no-userid.json")) == {
+        "userId": ["userId or anonymousId is required"]
+    }
+
+
+def test_loading_keeps_unknown_fields_and_values_as_given():
+    message = {
+        "type": "track",
+        "userId": 42,
+        "event": "Signed Up",
+        "timestamp": "2014",
+        "properties": {"plan": None},
+        "context": {"ip": "203.0.113.9"},
+        "version": 2,
+        "channel": "server",
+    }
+    assert TrackSchema().load(message) == message
+
+
+def test_loading_fills_in_the_type_the_schema_is_for():
+    assert TrackSchema().load({"userId": "u", "event": "e"}) == {
+        "userId": "u",
+        "event": "e",
+        "type": "track",
+    }
+
+
+def test_null_optional_fields_are_allowed():
+    message = {
+        "type": "page",
+        "userId": "u",
+        "anonymousId": None,
+        "messageId": None,
+        "timestamp": None,
+        "name": None,
+        "category": None,
+        "properties": None,
+        "context": None,
+        "integrations": None,
+    }
+    assert validate_message(message) == {}
+
+
+def test_a_track_needs_an_event_and_a_user():
+    assert validate_message({"type": "track"}) == {"event": ["is required"]}
+    assert validate_message({"type": "track", "event": ""}) == {"event": ["is required"]}
+    assert validate_message({"type": "track", "event": "e"}) == {
+        "userId": ["userId or anonymousId is required"]
+    }
+    assert validate_message({"type": "track", "event": "e", "anonymousId": "a"}) == {}
+    assert validate_message({"type": "track", "event": "e", "userId": ""}) == {
+        "userId": ["userId or anonymousId is required"]
+    }
+
+
+def test_an_identify_may_carry_only_an_email():
+    assert validate_message({"type": "identify", "traits": {"email": "a@b.co"}}) == {}
+    assert validate_message({"type": "identify", "context": {"traits": {"email": "a@b.co"}}}) == {}
+    assert validate_message({"type": "identify", "traits": {"name": "x"}}) == {
+        "userId": ["userId, anonymousId or traits.email is required"]
+    }
+
+
+def test_an_alias_needs_its_previous_id():
+    assert validate_message({"type": "alias", "userId": "new"}) == {"previousId": ["is required"]}
+    assert validate_message({"type": "alias", "userId": "new", "previousId": 7}) == {}
+
+
+def test_delete_needs_only_a_user():
+    assert validate_message({"type": "delete", "userId": "u"}) == {}
+
+
+@pytest.mark.parametrize(
+    "message, errors",
+    [
+        ({"type": "identify", "userId": True}, {"userId": ["must be a string or a number"]}),
+        ({"type": "identify", "userId": "u", "anonymousId": ["a"]}, {"anonymousId": ["must be a string or a number"]}),
+        ({"type": "identify", "userId": "u", "messageId": {}}, {"messageId": ["must be a string or a number"]}),
+        ({"type": "identify", "userId": "u", "traits": []}, {"traits": ["must be an object"]}),
+        ({"type": "identify", "userId": "u", "context": "x"}, {"context": ["must be an object"]}),
+        ({"type": "identify", "userId": "u", "integrations": 1}, {"integrations": ["must be an object"]}),
+        ({"type": "track", "userId": "u", "event": 5}, {"event": ["must be a string"]}),
+        ({"type": "track", "userId": "u", "event": "e", "properties": "x"}, {"properties": ["must be an object"]}),
+        ({"type": "page", "userId": "u", "name": 3}, {"name": ["must be a string"]}),
+        ({"type": "screen", "userId": "u", "category": []}, {"category": ["must be a string"]}),
+        ({"type": "group", "userId": "u", "groupId": False}, {"groupId": ["must be a string or a number"]}),
+        ({"type": "group", "userId": "u", "traits": 1}, {"traits": ["must be an object"]}),
+        ({"type": "track", "userId": "u", "event": "e", "timestamp": "yesterday"}, {"timestamp": ["is not an ISO-8601 date"]}),
+        ({"type": "track", "userId": "u", "event": "e", "originalTimestamp": 1388534400}, {"originalTimestamp": ["is not an ISO-8601 date"]}),
+        ({"type": "track", "userId": "u", "event": "e", "sentAt": "2014-13-01"}, {"sentAt": ["is not an ISO-8601 date"]}),
+        ({"type": "track", "userId": "u", "event": "e", "receivedAt": "14"}, {"receivedAt": ["is not an ISO-8601 date"]}),
+    ],
+)
+def test_wrongly_shaped_fields_are_named(message, errors):
+    assert validate_message(message) == errors
+
+
+@pytest.mark.parametrize("message", [None, [], "track", 3])
+def test_a_message_that_is_not_an_object_is_reported_under_type(message):
+    assert validate_message(message) == {"type": ["message must be a JSON object"]}
+
+
+@pytest.mark.parametrize("kind", [None, "Track", "order", 3, ["track"], {"t": 1}])
+def test_an_unknown_type_is_reported(kind):
+    assert validate_message({"type": kind, "userId": "u"}) == {"type": ["unsupported message type"]}
+
+
+def test_a_schema_refuses_a_message_of_another_type():
+    assert TrackSchema().validate({"type": "page", "userId": "u", "event": "e"}) == {"type": ["must be 'track'"]}
+
+
+def test_load_raises_with_the_fields_named():
+    with pytest.raises(ValidationError) as caught:
+        TrackSchema().load({"type": "track", "properties": []})
+    assert caught.value.messages == {"event": ["is required"], "properties": ["must be an object"]}
+
+
+def test_dumping_a_built_track_renders_its_timestamp_and_type():
+    built = {
+        "userId": "u_42",
+        "event": "Email Opened",
+        "messageId": "m1",
+        "timestamp": datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=timezone.utc),
+        "properties": {"email_id": "abc"},
+        "context": {"integration": {"name": "vero", "version": "0.1.0"}},
+    }
+    assert TrackSchema().dump(built) == {
+        "type": "track",
+        "messageId": "m1",
+        "timestamp": "2023-11-14T22:13:20.123Z",
+        "userId": "u_42",
+        "context": {"integration": {"name": "vero", "version": "0.1.0"}},
+        "event": "Email Opened",
+        "properties": {"email_id": "abc"},
+    }
+
+
+def test_dumping_keeps_a_timestamp_given_as_text():
+    assert TrackSchema().dump({"userId": "u", "event": "e", "timestamp": "2014"}) == {
+        "type": "track",
+        "timestamp": "2014",
+        "userId": "u",
+        "event": "e",
+    }
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2014", datetime(2014, 1, 1, tzinfo=timezone.utc)),
+        ("2014-05", datetime(2014, 5, 1, tzinfo=timezone.utc)),
+        ("2014-05-06", datetime(2014, 5, 6, tzinfo=timezone.utc)),
+        ("2014-05-06T07:08:09Z", datetime(2014, 5, 6, 7, 8, 9, tzinfo=timezone.utc)),
+        ("2014-05-06T07:08:09.123Z", datetime(2014, 5, 6, 7, 8, 9, 123000, tzinfo=timezone.utc)),
+        ("2014-05-06T07:08:09", datetime(2014, 5, 6, 7, 8, 9, tzinfo=timezone.utc)),
+        ("2014-05-06 07:08:09+02:00", datetime(2014, 5, 6, 5, 8, 9, tzinfo=timezone.utc)),
+        (
+            "2014-05-06T07:08:09.5-0130",
+            datetime(2014, 5, 6, 7, 8, 9, 500000, tzinfo=timezone(-timedelta(hours=1, minutes=30))),
+        ),
+    ],
+)
+def test_timestamps_in_iso_8601_forms(text, expected):
+    assert parse_timestamp(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "yesterday", "2014-13", "2014/01/01", "14", "1388534400"])
+def test_text_that_is_not_an_iso_8601_date_raises(text):
+    with pytest.raises(ValueError):
+        parse_timestamp(text)
+
+
+def test_format_timestamp_writes_utc_milliseconds():
+    moment = datetime(2014, 1, 1, 2, 0, 0, 999999, tzinfo=timezone(timedelta(hours=2)))
+    assert format_timestamp(moment) == "2014-01-01T00:00:00.999Z"
+    assert format_timestamp(datetime(2014, 1, 1)) == "2014-01-01T00:00:00.000Z"
+
+
+def test_error_sentence_names_the_field_once():
+    assert error_sentence("event", "is required") == "event is required"
+    assert error_sentence("userId", "userId or anonymousId is required") == "userId or anonymousId is required"
