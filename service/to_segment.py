@@ -49,6 +49,11 @@ MAX_MESSAGE_ID_LENGTH = 100
 
 _JSON_STARTS = ("{", "[")
 
+# Vero payloads are three levels deep. A cap far above that keeps a hostile
+# body from reaching Python's recursion limit later, when the message is
+# encoded or stored, where it would be an error instead of a 400.
+MAX_NESTING = 32
+
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -155,6 +160,8 @@ def _parse_json(text: str) -> list[Any] | Reject:
         return Reject(f"body is not valid JSON: {error}", "bad_json")
     except RecursionError:
         return Reject("body is not valid JSON: nested too deeply", "bad_json")
+    if _depth(value) > MAX_NESTING:
+        return Reject(f"body is not valid JSON: nested more than {MAX_NESTING} levels deep", "bad_json")
     if isinstance(value, dict):
         return [value]
     if isinstance(value, list):
@@ -162,6 +169,21 @@ def _parse_json(text: str) -> list[Any] | Reject:
             return Reject("body is an empty array", "empty_body")
         return value
     return Reject("body must be a JSON object or an array of objects", "not_object")
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and arrays nest in value (a scalar is 0). Walks
+    with its own stack, so it cannot itself hit the recursion limit."""
+    deepest = 0
+    pending = [(value, 1)]
+    while pending:
+        node, level = pending.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        pending.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _refuse_constant(name: str) -> Any:

@@ -694,6 +694,21 @@ def test_bodies_that_are_not_webhooks_are_rejected(body, rejection):
     assert parse_body(body, "application/json") == rejection
 
 
+def test_nesting_is_capped_well_above_what_vero_sends():
+    def body(levels):
+        # The webhook object itself is level 1, `campaign` level 2, `tags` level 3.
+        tags = "[" * (levels - 2) + "]" * (levels - 2)
+        return ('{"type": "sent", "user": {"id": 1}, "campaign": {"tags": %s}}' % tags).encode()
+
+    assert isinstance(parse_body(body(32), None), list)
+    assert parse_body(body(33), None) == Reject(
+        "body is not valid JSON: nested more than 32 levels deep", "bad_json"
+    )
+    assert parse_body(b"[" + body(32) + b"]", None) == Reject(
+        "body is not valid JSON: nested more than 32 levels deep", "bad_json"
+    )
+
+
 def test_multipart_bodies_are_refused_with_a_hint():
     body = b'--xyz\r\nContent-Disposition: form-data; name="payload"\r\n\r\n{}\r\n--xyz--'
     assert parse_body(body, "multipart/form-data; boundary=xyz") == Reject(
