@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.results import Accept, Reject, Skip
 from service.to_vero import basic_auth_ok, looks_like_email, map_message, signature_ok, split_body
@@ -997,3 +999,48 @@ def test_basic_auth_user_name_must_be_the_secret():
     assert basic_auth_ok("", "") is False
     assert basic_auth_ok("x", None) is False
     assert basic_auth_ok("clé", "clé") is True
+
+
+# --------------------------------------------------------------------------
+# Whatever arrives, the mapping answers with one of the three outcomes
+
+_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+_json = st.recursive(
+    _scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=12
+)
+_field_values = {
+    "type": st.sampled_from(["identify", "track", "page", "screen", "group", "alias", "delete", "x"]),
+    "userId": st.none() | st.text(max_size=4) | st.integers(),
+    "anonymousId": _scalars,
+    "event": st.sampled_from(["Order Completed", "Unsubscribe", "Signed Up", ""]) | _scalars,
+    "timestamp": st.sampled_from(["2014", "2014-01-01T00:00:00Z", "bad"]) | _scalars,
+    "traits": _json,
+    "properties": st.fixed_dictionaries({}, optional={"products": _json, "id": _scalars, "url": _scalars}) | _json,
+    "context": _json,
+    "integrations": st.fixed_dictionaries(
+        {}, optional={"All": _scalars, "Vero": st.fixed_dictionaries({}, optional={"tags": _json}) | _scalars}
+    ),
+    "previousId": _scalars,
+    "groupId": _scalars,
+    "messageId": _scalars,
+}
+_messages = st.fixed_dictionaries({}, optional=_field_values) | _json
+
+
+@settings(max_examples=400, deadline=None)
+@given(message=_messages, allow_anonymous=st.booleans())
+def test_any_json_maps_to_an_outcome_without_raising(message, allow_anonymous):
+    result = map_message(message, allow_anonymous=allow_anonymous, received_at=RECEIVED_AT)
+    assert isinstance(result, (Accept, Skip, Reject))
+    if isinstance(result, Accept):
+        json.dumps(result.payload)
+        for item in result.payload["calls"]:
+            assert item["path"].startswith("/")
+            assert None not in item["body"].values()
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=_json | st.fixed_dictionaries({"batch": _json}, optional={"context": _json, "integrations": _json}))
+def test_any_body_splits_without_raising(body):
+    for route_type in (None, "track"):
+        assert isinstance(split_body(body, route_type), (list, Reject))
