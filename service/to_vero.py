@@ -426,9 +426,10 @@ def _nested(value: Any, *path: str) -> Any:
 
 
 def _dedup_key(message: dict) -> str:
-    message_id = message.get("messageId")
-    if has_value(message_id) and isinstance(message_id, (str, int, float)) and not isinstance(message_id, bool):
-        return "a:" + _as_id(message_id, "messageId", "messageId")
+    # The schema has already refused a messageId that is not text or a number.
+    message_id = _as_id(message.get("messageId"), "messageId", "messageId")
+    if message_id is not None:
+        return "a:" + message_id
     # Without an id, an exact re-send is still the same message.
     canonical = json.dumps(message, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "a:sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
