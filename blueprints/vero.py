@@ -31,7 +31,8 @@ def webhook(token: str):
     items = parse_body(raw, request.content_type)
     if isinstance(items, Reject):
         return refuse(VERO_TO_SEGMENT, 400, items.code, items.error)
-    single = not raw.lstrip()[:1] == b"["
+    # A lone webhook that is invalid is a 400; in an array, a per-item rejection.
+    single = not raw.lstrip()[:3].upper().startswith((b"[", b"%5B"))
     names = event_names_with(config.vero_event_names)
     now = time.time()
     results = [map_webhook(item, event_names=names, library=LIBRARY, received_at=now)

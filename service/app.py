@@ -15,6 +15,7 @@ from service.bridge import Bridge
 from service.config import Config, load_or_exit
 from service.outbox import StoreError, open_store
 from service.outbox.delivery import Sender
+from service.to_segment import ignored_overrides
 
 log = logging.getLogger("vero_bridge")
 access_log = logging.getLogger("vero_bridge.access")
@@ -53,6 +54,10 @@ def create_app(config: Config | None = None, senders: list[Sender] | None = None
 
     app.cli.add_command(outbox)
 
+    ignored = ignored_overrides(config.vero_event_names)
+    if ignored:
+        log.warning("VERO_EVENT_NAMES names types that are never forwarded; ignored: %s",
+                    ", ".join(map(str, ignored)))
     try:
         store.check(time.time())
     except StoreError as exc:

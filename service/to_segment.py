@@ -60,26 +60,29 @@ MAX_NESTING = 32
 
 
 def event_names_with(overrides: dict[str, Any]) -> dict[str, str | None]:
-    """The default event names with `VERO_EVENT_NAMES` applied.
+    """The default event names with `VERO_EVENT_NAMES` applied (keys matched
+    case-insensitively).
 
-    Raises ValueError naming the key when an override is not one of the ten
-    forwardable Vero types or its name is neither a non-empty string nor
-    null: a typo such as "opend" would otherwise be ignored without a word,
-    and the user events are never forwarded (MAPPING.md B.1)."""
+    Keys that are not one of the ten forwardable Vero types are left out (see
+    `ignored_overrides`, which the app warns about at start): the user events
+    are never forwarded (MAPPING.md B.1), and a deployment should not stop over
+    a name it would never use. Raises ValueError naming the key when a name is
+    neither a non-empty string nor null."""
     if not isinstance(overrides, dict):
         raise ValueError("VERO_EVENT_NAMES: expected a JSON object")
     names = dict(DEFAULT_EVENT_NAMES)
     for key, name in overrides.items():
-        vero_type = str(key).strip().lower()
-        if vero_type not in DEFAULT_EVENT_NAMES:
-            known = ", ".join(DEFAULT_EVENT_NAMES)
-            raise ValueError(
-                f"VERO_EVENT_NAMES: {key!r} is not a Vero event type that can be forwarded ({known})"
-            )
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise ValueError(f"VERO_EVENT_NAMES: the name for {key!r} must be a non-empty string or null")
-        names[vero_type] = name
+        vero_type = str(key).strip().lower()
+        if vero_type in DEFAULT_EVENT_NAMES:
+            names[vero_type] = name
     return names
+
+
+def ignored_overrides(overrides: dict[str, Any]) -> list[str]:
+    """The keys of `VERO_EVENT_NAMES` that name no forwardable Vero type."""
+    return [key for key in overrides if str(key).strip().lower() not in DEFAULT_EVENT_NAMES]
 
 
 # ---------------------------------------------------------------------------

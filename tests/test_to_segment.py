@@ -12,6 +12,7 @@ from service.to_segment import (
     MAX_MESSAGE_BYTES,
     encode_message,
     event_names_with,
+    ignored_overrides,
     map_webhook,
     message_id,
     parse_body,
@@ -240,8 +241,6 @@ def test_a_type_missing_from_a_partial_table_is_not_forwarded():
 @pytest.mark.parametrize(
     ("overrides", "error"),
     [
-        ({"opend": "X"}, "'opend' is not a Vero event type that can be forwarded"),
-        ({"user_created": "User Created"}, "'user_created' is not a Vero event type that can be forwarded"),
         ({"opened": ""}, "the name for 'opened' must be a non-empty string or null"),
         ({"opened": 5}, "the name for 'opened' must be a non-empty string or null"),
         (["opened"], "expected a JSON object"),
@@ -251,6 +250,12 @@ def test_bad_overrides_are_refused_naming_the_key(overrides, error):
     with pytest.raises(ValueError, match="^VERO_EVENT_NAMES: ") as caught:
         event_names_with(overrides)
     assert error in str(caught.value)
+
+
+def test_overrides_of_types_that_are_never_forwarded_are_ignored_and_reported():
+    overrides = {"opend": "X", "user_created": "User Created", "Opened": "Opened It"}
+    assert event_names_with(overrides) == {**DEFAULT_EVENT_NAMES, "opened": "Opened It"}
+    assert ignored_overrides(overrides) == ["opend", "user_created"]
 
 
 @pytest.mark.parametrize("event_type", ["user_created", "user_updated"])
