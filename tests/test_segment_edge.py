@@ -1,0 +1,481 @@
+"""Direction A from the door to Vero: the Flask app with its real Vero sender,
+a real stand-in Vero on a loopback port, and delivery driven one round at a
+time, so every request that reaches "Vero" can be asserted exactly."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sqlite3
+import time
+
+import pytest
+
+from service.bridge import SEGMENT_TO_VERO
+from service.outbox import DEAD, DELIVERED, PENDING
+from tests.conftest import wait_for
+from tests.direction_a_samples import CREATED_AT, EXTRAS, TIMESTAMP, every_type, with_credential
+from tests.support import sign
+from tests.vero_standin import VeroStandIn
+
+SECRET = "segment-shared-secret"
+TOKEN = "vero-auth-token-Zm9vOmJhcg=="
+
+
+@pytest.fixture
+def vero(httpserver):
+    return VeroStandIn(httpserver)
+
+
+@pytest.fixture
+def env(vero, sqlite_url):
+    return {"VERO_AUTH_TOKEN": TOKEN, "VERO_API_URL": vero.url, "SEGMENT_SHARED_SECRET": SECRET,
+            "DATABASE_URL": sqlite_url}
+
+
+@pytest.fixture
+def app(make_app, env):
+    return make_app(env)  # senders=None: the real Vero sender
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def post(client, body, path="/segment", headers=None, secret=SECRET):
+    """Post `body` (JSON-encoded unless already bytes) with a valid signature."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json",
+               **({"X-Signature": sign(raw, secret)} if secret else {}), **(headers or {})}
+    return client.post(path, data=raw, headers=headers)
+
+
+def basic(user, password=""):
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def deliver_all(app, rounds=50):
+    """Delivery rounds until nothing due is left."""
+    deliverer = app.extensions["vero_bridge"].deliverer
+    for _ in range(rounds):
+        if deliverer.run_once(SEGMENT_TO_VERO) == 0:
+            return
+    pytest.fail("delivery did not settle")
+
+
+def states(app):
+    counts = app.extensions["vero_bridge"].store.counts(time.time())
+    return {state: n for (direction, state), n in counts.items() if direction == SEGMENT_TO_VERO}
+
+
+def track(user="u1", event="Signed Up", message_id=None, **extra):
+    message = {"type": "track", "userId": user, "event": event, "timestamp": TIMESTAMP, **extra}
+    if message_id:
+        message["messageId"] = message_id
+    return message
+
+
+def event_call(user="u1", event="Signed Up", data=None, email=None):
+    identity = {"id": user, **({"email": email} if email else {})}
+    body = {"identity": identity, "event_name": event, "extras": EXTRAS}
+    if data:
+        body["data"] = data
+    return ("POST", "/events/track", {**body, "auth_token": TOKEN})
+
+
+def accepted(**counts):
+    return {"success": True, "accepted": 0, "duplicate": 0, "skipped": 0, "rejected": [], **counts}
+
+
+# -- authentication -----------------------------------------------------------
+
+
+def test_a_signed_single_message_is_accepted_and_delivered(app, client, vero):
+    response = post(client, track())
+
+    assert (response.status_code, response.json) == (200, accepted(accepted=1))
+    assert vero.received() == []  # delivery happens after the answer
+    deliver_all(app)
+    assert vero.received() == [event_call()]
+    assert states(app) == {DELIVERED: 1}
+
+
+def test_an_array_body_is_accepted_when_its_first_element_is_signed(app, client, vero):
+    # Segment signs the exact text of element 0 as it stands in the body.
+    first = '{ "type": "track", "userId": "u1", "event": "First", "timestamp": "%s" }' % TIMESTAMP
+    raw = f'[ {first} ,\n {json.dumps(track(event="Second"))}]'.encode()
+
+    response = client.post("/segment", data=raw, headers={"X-Signature": sign(first.encode(), SECRET)})
+
+    assert (response.status_code, response.json) == (200, accepted(accepted=2))
+    deliver_all(app)
+    assert vero.received() == [event_call(event="First"), event_call(event="Second")]
+
+
+def test_an_array_signature_over_element_0_reformatted_is_refused(client):
+    first = '{ "type": "track", "userId": "u1", "event": "First" }'
+    raw = f"[{first}]".encode()
+    reformatted = json.dumps(json.loads(first)).encode()  # same JSON, other text
+
+    response = client.post("/segment", data=raw, headers={"X-Signature": sign(reformatted, SECRET)})
+
+    assert response.status_code == 401
+
+
+def test_basic_auth_with_the_secret_as_user_name_is_accepted_on_the_v1_routes(app, client, vero):
+    response = post(client, track(), path="/v1/track", secret=None, headers=basic(SECRET))
+
+    assert (response.status_code, response.json) == (200, accepted(accepted=1))
+    deliver_all(app)
+    assert vero.received() == [event_call()]
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"X-Signature": "0" * 40},
+    {"X-Signature": sign(json.dumps(track()).encode(), "another-secret")},
+    basic("another-secret"),
+    basic("", SECRET),  # the secret as password is not the contract
+], ids=["missing", "wrong-signature", "signed-with-another-secret", "wrong-user", "secret-as-password"])
+def test_a_request_without_valid_credentials_is_401_and_nothing_is_stored(app, client, vero, headers):
+    response = post(client, track(), secret=None, headers=headers)
+
+    assert response.status_code == 401
+    assert "X-Signature" in response.json["error"] and "Basic" in response.json["error"]
+    assert SECRET not in response.get_data(as_text=True)
+    deliver_all(app)
+    assert states(app) == {}
+    assert vero.received() == []
+
+
+def test_without_a_shared_secret_every_request_is_401_saying_why(make_app, env, vero):
+    app = make_app({**env, "SEGMENT_SHARED_SECRET": ""})
+
+    response = post(app.test_client(), track(), secret="anything", headers=basic("anything"))
+
+    assert response.status_code == 401
+    assert response.json == {
+        "error": "SEGMENT_SHARED_SECRET is not set, so no request can be authenticated"}
+    assert states(app) == {}
+
+
+def test_without_vero_credentials_direction_a_is_503_before_anything_else(make_app, env):
+    app = make_app({**env, "VERO_AUTH_TOKEN": ""})
+
+    response = post(app.test_client(), b"not even json", secret=None)
+
+    assert response.status_code == 503
+    assert response.json == {"error": "not configured: set VERO_AUTH_TOKEN or VERO_TRACKING_API_KEY"}
+
+
+def test_authentication_comes_before_reading_the_body(client):
+    response = post(client, b"{not json", secret=None)
+
+    assert response.status_code == 401
+
+
+def test_the_tracking_api_key_reaches_vero_under_its_own_name(make_app, env, vero):
+    app = make_app({**env, "VERO_AUTH_TOKEN": "", "VERO_TRACKING_API_KEY": "tracking-key"})
+
+    assert post(app.test_client(), track()).status_code == 200
+    deliver_all(app)
+
+    method, path, body = event_call()
+    del body["auth_token"]
+    assert vero.received() == [(method, path, {**body, "tracking_api_key": "tracking-key"})]
+
+
+# -- the body -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, error", [
+    (b'{"type": "track",', "body is not valid JSON: Expecting property name enclosed in double"
+                           " quotes at line 1 column 18"),
+    (b"", "body is empty"),
+    (b'"a string"', "body must be a JSON object or array"),
+    (b"42", "body must be a JSON object or array"),
+    (b"[]", "the array of messages is empty"),
+    (b'{"batch": []}', "batch must be a non-empty array"),
+    (b'{"batch": {"type": "track"}}', "batch must be a non-empty array"),
+    (b"\xff\xfe{}", "body is not valid UTF-8 (byte 0)"),
+])
+def test_an_unreadable_body_is_400_naming_the_problem_and_nothing_is_stored(app, client, vero,
+                                                                            raw, error):
+    response = post(client, raw)
+
+    assert (response.status_code, response.json) == (400, {"error": error})
+    assert states(app) == {}
+
+
+def test_a_body_over_the_size_limit_is_413(make_app, env, vero):
+    app = make_app({**env, "MAX_BODY_BYTES": "2048"})
+    big = track(properties={"padding": "x" * 3000})
+
+    response = post(app.test_client(), big)
+
+    assert response.status_code == 413
+    assert response.json == {"error": "request body is larger than the limit of 2048 bytes"}
+    assert states(app) == {}
+
+
+def test_a_body_at_the_size_limit_is_accepted(make_app, env, vero):
+    app = make_app({**env, "MAX_BODY_BYTES": "2048"})
+    body = track(properties={"padding": ""})
+    body["properties"]["padding"] = "x" * (2048 - len(json.dumps(body)))
+    assert len(json.dumps(body)) == 2048
+
+    assert post(app.test_client(), body).status_code == 200
+
+
+@pytest.mark.parametrize("message, error", [
+    (track(event=""), "event is required"),
+    ({"type": "identify", "traits": {"plan": "pro"}}, "userId is required"),
+    ({"type": "Track", "userId": "u1", "event": "x"}, "unsupported message type"),
+    (track(context={"traits": {"email": "not-an-email"}}), "context.traits.email does not look like an email"),
+    (track(user="u" * 255), "userId must be shorter than 255 characters"),
+    ({"type": "alias", "userId": "u1"}, "previousId is required"),
+    (track(integrations={"Vero": {"tags": {"action": "toggle", "values": ["a"]}}}),
+     'integrations.Vero.tags.action must be "add" or "remove"'),
+])
+def test_a_single_invalid_message_is_400_naming_the_field(app, client, vero, message, error):
+    response = post(client, message)
+
+    assert (response.status_code, response.json) == (400, {"error": error})
+    assert states(app) == {}
+
+
+def test_an_invalid_message_is_rejected_even_when_its_id_was_seen_before(app, client):
+    assert post(client, track(message_id="m1")).status_code == 200
+
+    response = post(client, track(event="", message_id="m1"))
+
+    assert (response.status_code, response.json) == (400, {"error": "event is required"})
+
+
+def test_a_batch_accepts_the_valid_items_and_lists_each_rejected_one(app, client, vero):
+    body = [track(event="One"), track(event=""), "not an object",
+            {"type": "identify", "traits": {}}, track(event="Two")]
+
+    response = post(client, body)
+
+    assert response.status_code == 200
+    assert response.json == accepted(accepted=2, rejected=[
+        {"index": 1, "error": "event is required"},
+        {"index": 2, "error": "message must be a JSON object"},
+        {"index": 3, "error": "userId is required"},
+    ])
+    deliver_all(app)
+    assert vero.received() == [event_call(event="One"), event_call(event="Two")]
+
+
+def test_a_batch_envelope_merges_its_context_and_integrations_into_each_item(app, client, vero):
+    body = {
+        "batch": [
+            track(event="Shared"),
+            track(event="Own", context={"userAgent": "Own/2"}, integrations={"Vero": True}),
+            track(event="Loop", context={"integration": {"name": "vero"}}),
+        ],
+        "context": {"userAgent": "Shared/1", "traits": {"email": "u1@example.org"}},
+        "integrations": {"All": False, "Vero": True},
+        "sentAt": TIMESTAMP,
+    }
+
+    response = post(client, body, path="/v1/batch", secret=None, headers=basic(SECRET))
+
+    assert (response.status_code, response.json) == (200, accepted(accepted=2, skipped=1))
+    deliver_all(app)
+    # One level deep: the item's own `context` replaces the shared one's keys
+    # it names and keeps the others (`traits`); the loop item is skipped.
+    assert vero.received() == [
+        event_call(event="Shared", data={"userAgent": "Shared/1"}, email="u1@example.org"),
+        event_call(event="Own", data={"userAgent": "Own/2"}, email="u1@example.org"),
+    ]
+
+
+def test_a_batch_envelope_can_turn_vero_off_for_its_items(app, client, vero):
+    body = {"batch": [track(event="Off"), track(event="On", integrations={"Vero": True})],
+            "integrations": {"Vero": False}}
+
+    response = post(client, body)
+
+    assert (response.status_code, response.json) == (200, accepted(accepted=1, skipped=1))
+    deliver_all(app)
+    assert vero.received() == [event_call(event="On")]
+
+
+def test_a_message_sent_twice_is_counted_as_duplicate_and_delivered_once(app, client, vero):
+    message = track(message_id="m-1")
+
+    assert post(client, message).json == accepted(accepted=1)
+    assert post(client, [message, message]).json == accepted(duplicate=2)
+    deliver_all(app)
+    assert post(client, message).json == accepted(duplicate=1)  # also after delivery
+    deliver_all(app)
+
+    assert vero.received() == [event_call()]
+
+
+def test_a_v1_route_fills_in_the_type_and_refuses_a_different_one(app, client, vero):
+    untyped = {"userId": "u1", "event": "Signed Up", "timestamp": TIMESTAMP}
+
+    filled = post(client, untyped, path="/v1/track", secret=None, headers=basic(SECRET))
+    refused = post(client, {**untyped, "type": "page"}, path="/v1/track", secret=None,
+                   headers=basic(SECRET))
+    mixed = post(client, [untyped, {**untyped, "type": "identify"}], path="/v1/track",
+                 secret=None, headers=basic(SECRET))
+
+    assert (filled.status_code, filled.json) == (200, accepted(accepted=1))
+    assert (refused.status_code, refused.json) == (400, {"error": "type must be 'track' on /v1/track"})
+    assert (mixed.status_code, mixed.json) == (200, accepted(duplicate=1, rejected=[
+        {"index": 1, "error": "type must be 'track' on /v1/track"}]))
+    deliver_all(app)
+    assert vero.received() == [event_call()]
+
+
+def test_an_unwritable_outbox_is_503_and_acknowledges_nothing(make_app, env, sqlite_url, vero):
+    app = make_app(env)
+    client = app.test_client()
+    path = sqlite_url[len("sqlite:///"):]
+    app.extensions["vero_bridge"].store.close()
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+    os.makedirs(path)  # the store's file is now a folder: nothing can write it
+
+    single = post(client, track())
+    batch = post(client, [track(event="One"), track(event="")])
+
+    for response in (single, batch):
+        assert (response.status_code, response.json) == (
+            503, {"error": "the outbox cannot be written; retry later"})
+    assert vero.received() == []
+
+
+# -- delivery -----------------------------------------------------------------
+
+
+def test_every_message_type_reaches_vero_as_the_exact_calls_in_order(app, client, vero):
+    samples = every_type("u1")
+    for message, _ in samples:
+        assert post(client, message).json == accepted(accepted=1), message["type"]
+
+    deliver_all(app)
+
+    expected = [call for _, calls in samples for call in with_credential(calls, "auth_token", TOKEN)]
+    assert vero.received() == expected
+    assert states(app) == {DELIVERED: len(samples)}
+
+
+def test_a_vero_5xx_is_retried_until_delivered_once_and_nothing_is_lost(app, client, vero):
+    vero.answer(500, "/events/track", body="upstream trouble")
+    post(client, track())
+
+    assert app.extensions["vero_bridge"].deliverer.run_once(SEGMENT_TO_VERO) == 1
+    assert states(app) == {PENDING: 1}
+    # The first retry waits a backoff of half a second to a second.
+    wait_for(lambda: app.extensions["vero_bridge"].deliverer.run_once(SEGMENT_TO_VERO), timeout=5)
+    deliver_all(app)
+
+    assert vero.received() == [event_call(), event_call()]
+    assert vero.statuses() == [500, 200]
+    assert states(app) == {DELIVERED: 1}
+
+
+def test_a_retry_resumes_at_the_call_that_failed(app, client, vero):
+    vero.answer(503, "/users/tags/edit")
+    message = {"type": "identify", "userId": "u1", "timestamp": TIMESTAMP,
+               "integrations": {"Vero": {"tags": {"action": "add", "values": ["vip"]}}}}
+    post(client, message)
+
+    deliver_all(app)
+    wait_for(lambda: app.extensions["vero_bridge"].deliverer.run_once(SEGMENT_TO_VERO), timeout=5)
+
+    identify = ("POST", "/users/track", {"id": "u1", "data": {"id": "u1"}, "auth_token": TOKEN})
+    tags = ("PUT", "/users/tags/edit", {"id": "u1", "add": ["vip"], "auth_token": TOKEN})
+    assert vero.received() == [identify, tags, tags]  # the identify is not sent again
+    assert states(app) == {DELIVERED: 1}
+
+
+def test_a_vero_4xx_dead_letters_the_message_and_its_later_calls_and_spares_other_users(
+        app, client, vero):
+    vero.answer(400, "/events/track", user="bad", body={"status": 400, "message": "Invalid event"})
+    order = track(user="bad", event="Order Completed", message_id="bad-order",
+                  properties={"products": [{"sku": "a"}, {"sku": "b"}]})
+    post(client, [order, track(user="good", message_id="good-1")])
+
+    deliver_all(app)
+
+    assert vero.received() == [
+        event_call(user="bad", event="Ordered Product", data={"sku": "a"}),
+        event_call(user="good"),
+    ]
+    assert states(app) == {DEAD: 1, DELIVERED: 1}
+    [dead] = app.extensions["vero_bridge"].store.dead(SEGMENT_TO_VERO, 10)
+    assert dead.order_key == "bad"
+    assert dead.error == ('POST /events/track: Vero answered 400: {"status": 400, "message":'
+                          ' "Invalid event"} (2 later calls of this message not sent)')
+    assert TOKEN not in dead.error and TOKEN not in json.dumps(dead.payload)
+
+
+def test_a_dead_message_does_not_block_the_users_later_messages(app, client, vero):
+    vero.answer(422, "/events/track", user="u1")
+    post(client, [track(event="Rejected"), track(event="Later")])
+
+    deliver_all(app)
+
+    assert vero.received() == [event_call(event="Rejected"), event_call(event="Later")]
+    assert vero.statuses() == [422, 200]
+    assert states(app) == {DEAD: 1, DELIVERED: 1}
+
+
+def test_a_429_waits_as_long_as_retry_after_asks(app, client, vero, sqlite_url):
+    vero.answer(429, "/events/track", body="rate limited", headers={"Retry-After": "120"})
+    post(client, track())
+
+    before = time.time()
+    assert app.extensions["vero_bridge"].deliverer.run_once(SEGMENT_TO_VERO) == 1
+
+    assert app.extensions["vero_bridge"].deliverer.run_once(SEGMENT_TO_VERO) == 0
+    assert vero.received() == [event_call()]
+    with sqlite3.connect(sqlite_url[len("sqlite:///"):]) as db:
+        [(state, available_at, error)] = db.execute(
+            "SELECT state, available_at, last_error FROM outbox").fetchall()
+    assert state == PENDING
+    # The outbox's own first backoff would be one second at most.
+    assert before + 119 <= available_at <= time.time() + 121
+    assert error == "POST /events/track: Vero answered 429: rate limited"
+
+
+def test_one_users_messages_go_out_in_order_while_others_proceed(app, client, vero):
+    vero.answer(500, "/events/track", user="u1")
+    post(client, [track(event="A1"), track(event="A2"), track(user="u2", event="B1")])
+    deliverer = app.extensions["vero_bridge"].deliverer
+
+    assert deliverer.run_once(SEGMENT_TO_VERO) == 2  # one item per user: A1 and B1
+    # A2 waits behind A1 (backing off), though it is due.
+    assert deliverer.run_once(SEGMENT_TO_VERO) == 0
+    assert vero.received() == [event_call(event="A1"), event_call(user="u2", event="B1")]
+    wait_for(lambda: deliverer.run_once(SEGMENT_TO_VERO), timeout=5)
+    deliver_all(app)
+
+    assert vero.received() == [
+        event_call(event="A1"), event_call(user="u2", event="B1"),
+        event_call(event="A1"), event_call(event="A2"),
+    ]
+    assert vero.statuses() == [500, 200, 200, 200]
+    assert states(app) == {DELIVERED: 3}
+
+
+def test_created_at_falls_back_to_the_time_received(app, client, vero):
+    message = track()
+    del message["timestamp"]
+    before = int(time.time())
+    post(client, message)
+    after = int(time.time())
+
+    deliver_all(app)
+
+    [(_, _, body)] = vero.received()
+    assert before <= body["extras"]["created_at"] <= after
+    assert body["extras"]["created_at"] != CREATED_AT
