@@ -44,6 +44,9 @@ logconfig_dict = {
         "gunicorn.access": {"level": "INFO", "handlers": ["stdout"], "propagate": False},
     },
 }
+# gunicorn's default access line logs the Basic auth user name (%(u)s), which
+# on direction A is SEGMENT_SHARED_SECRET: leave it out ("-" in its place).
+access_log_format = '%(h)s %(l)s - %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 
 
 def on_starting(server):
