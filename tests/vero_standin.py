@@ -69,7 +69,10 @@ class VeroStandIn:
 
 
 def user_of(body: dict) -> Any:
-    """The user a Vero call is about: `id`, or `identity.id` for events."""
+    """The user a Vero call is about, as the outbox orders them: `id`,
+    `identity.id` for events, the new id of a reidentify."""
+    if "new_id" in body:
+        return body["new_id"]
     identity = body.get("identity")
     if isinstance(identity, dict):
         return identity.get("id")

@@ -1,0 +1,144 @@
+"""Direction A as deployed: gunicorn with its delivery workers, a stand-in Vero on
+a loopback port, and Segment-shaped traffic, including Segment's own Python
+library using the service as its host."""
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+
+import pytest
+import requests
+from segment.analytics import Client
+
+from tests.conftest import wait_for
+from tests.direction_a_samples import EXTRAS, every_type, with_credential
+from tests.support import Service, sign
+from tests.vero_standin import VeroStandIn, user_of
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "e2e-shared-secret"
+TOKEN = "e2e-vero-token"
+WAIT_SECONDS = 30
+
+
+@pytest.fixture
+def vero(httpserver):
+    return VeroStandIn(httpserver)
+
+
+@pytest.fixture
+def service(vero, tmp_path):
+    env = {"VERO_AUTH_TOKEN": TOKEN, "VERO_API_URL": vero.url, "SEGMENT_SHARED_SECRET": SECRET,
+           "DATABASE_URL": f"sqlite:///{tmp_path}/outbox.db", "WEB_CONCURRENCY": "2"}
+    with Service(env, tmp_path / "log") as running:
+        yield running
+    assert TOKEN not in running.logs() and SECRET not in running.logs()
+
+
+def metric(service, name: str, **labels: str) -> float:
+    """One sample of the service's /metrics, whatever order its labels come in."""
+    text = requests.get(service.url + "/metrics", timeout=5).text
+    for line in text.splitlines():
+        found = re.match(r"^(\w+)\{(.*)\} (\S+)$", line)
+        if found and found.group(1) == name and dict(
+                re.findall(r'(\w+)="([^"]*)"', found.group(2))) == labels:
+            return float(found.group(3))
+    return 0.0
+
+
+def settled(service) -> tuple[float, float, float]:
+    """(deliveries that succeeded, items pending or in flight, dead items), from
+    the service's own metrics, across its gunicorn workers."""
+    return (
+        metric(service, "vero_bridge_deliveries_total", upstream="vero", result="succeeded",
+               status_class="2xx"),
+        metric(service, "vero_bridge_outbox_items", direction="segment_to_vero", state="pending"),
+        metric(service, "vero_bridge_outbox_items", direction="segment_to_vero", state="dead"),
+    )
+
+
+def wait_until_delivered(service, count: int) -> None:
+    wait_for(lambda: settled(service)[0] >= count, timeout=WAIT_SECONDS, interval=0.1)
+    # Every item is settled as delivered, so nothing more can be sent.
+    assert settled(service) == (count, 0, 0)
+
+
+def per_user(received):
+    users: dict = {}
+    for call in received:
+        users.setdefault(user_of(call[2]), []).append(call)
+    return users
+
+
+def test_signed_messages_of_every_type_reach_vero_exactly_once_in_each_users_order(service, vero):
+    samples = {user: every_type(user) for user in ("u1", "u2")}
+    # Interleave the two users' messages, each posted on its own and signed.
+    for first, second in zip(samples["u1"], samples["u2"]):
+        for message, _ in (first, second):
+            raw = json.dumps(message).encode()
+            response = requests.post(service.url + "/segment", data=raw, timeout=10,
+                                     headers={"Content-Type": "application/json",
+                                              "X-Signature": sign(raw, SECRET)})
+            assert response.status_code == 200, response.text
+            assert response.json()["accepted"] == 1
+
+    wait_until_delivered(service, len(samples["u1"]) + len(samples["u2"]))
+
+    received = vero.received()
+    expected = {user: [call for _, calls in pairs
+                       for call in with_credential(calls, "auth_token", TOKEN)]
+                for user, pairs in samples.items()}
+    # Users are delivered side by side; each user's calls keep their order.
+    assert per_user(received) == expected
+    assert len(received) == sum(len(calls) for calls in expected.values())
+    assert set(vero.statuses()) == {200}
+
+
+def test_segments_python_library_can_use_the_service_as_its_host(service, vero):
+    when = datetime(2023, 11, 14, 22, 13, 20, tzinfo=timezone.utc)
+    errors = []
+    # One message per request (sync mode), as a server-side integration would...
+    sync = Client(write_key=SECRET, host=service.url, sync_mode=True, max_retries=0)
+    sync.identify("u3", {"email": "u3@example.org", "plan": "pro"}, timestamp=when,
+                  message_id="lib-identify")
+    sync.track("u3", "Signed Up", {"plan": "pro"}, timestamp=when, message_id="lib-track")
+    sync.page("u3", "Docs", "Intro", {"url": "https://example.org/docs"}, timestamp=when,
+              message_id="lib-page")
+    # ...and queued messages sent together as one /v1/batch.
+    batching = Client(write_key=SECRET, host=service.url, max_retries=0,
+                      on_error=lambda error, batch: errors.append(error), upload_interval=0.1)
+    batching.screen("u3", name="Home", timestamp=when, message_id="lib-screen")
+    batching.group("u3", "g9", {"name": "Acme"}, timestamp=when, message_id="lib-group")
+    batching.alias("anon-3", "u3", timestamp=when, message_id="lib-alias")
+    batching.shutdown()
+    assert errors == []
+
+    wait_until_delivered(service, 6)
+
+    def event(name, data):
+        return ("POST", "/events/track", {"identity": {"id": "u3"}, "event_name": name,
+                                          "data": data, "extras": EXTRAS, "auth_token": TOKEN})
+
+    assert vero.received() == [
+        ("POST", "/users/track", {"id": "u3", "email": "u3@example.org", "auth_token": TOKEN,
+                                  "data": {"email": "u3@example.org", "plan": "pro", "id": "u3"}}),
+        event("Signed Up", {"plan": "pro"}),
+        event("viewed_page", {"url": "https://example.org/docs", "name": "Intro",
+                              "category": "Docs"}),
+        event("viewed_screen", {"name": "Home"}),
+        ("POST", "/users/track", {"id": "u3", "data": {"group": {"name": "Acme", "id": "g9"}},
+                                  "auth_token": TOKEN}),
+        ("PUT", "/users/reidentify", {"id": "anon-3", "new_id": "u3", "auth_token": TOKEN}),
+    ]
+
+
+def test_the_library_hears_about_a_bad_write_key(service, vero):
+    client = Client(write_key="not-the-secret", host=service.url, sync_mode=True, max_retries=0)
+
+    with pytest.raises(Exception) as raised:
+        client.track("u4", "Signed Up", timestamp=datetime.now(timezone.utc))
+
+    assert getattr(raised.value, "status", None) == 401
+    assert vero.received() == []
