@@ -53,7 +53,8 @@ class Service:
             try:
                 if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
+                # Not listening yet, or listening while the workers still boot.
                 pass
             time.sleep(0.1)
         self.stop()
