@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from datetime import datetime, timezone
 
 import pytest
@@ -13,7 +15,7 @@ from segment.analytics import Client
 
 from tests.conftest import wait_for
 from tests.direction_a_samples import EXTRAS, every_type, with_credential
-from tests.support import Service, sign
+from tests.support import ROOT, Service, sign
 from tests.vero_standin import VeroStandIn, user_of
 
 pytestmark = pytest.mark.e2e
@@ -142,3 +144,29 @@ def test_the_library_hears_about_a_bad_write_key(service, vero):
 
     assert getattr(raised.value, "status", None) == 401
     assert vero.received() == []
+
+
+def test_vero_failing_for_a_while_loses_nothing_and_a_refused_message_is_listed_as_dead(
+        service, vero, tmp_path):
+    vero.answer(503, "/events/track", user="u5", body="maintenance", times=2)
+    vero.answer(400, "/users/track", user="u6", body='{"message": "Invalid email"}', times=None)
+    for message in ({"type": "track", "userId": "u5", "event": "Retried", "messageId": "r-1",
+                     "timestamp": "2023-11-14T22:13:20Z"},
+                    {"type": "identify", "userId": "u6", "messageId": "d-1"}):
+        response = requests.post(service.url + "/v1/batch", json={"batch": [message]}, timeout=10,
+                                 auth=(SECRET, ""))
+        assert response.json()["accepted"] == 1
+
+    # Two backoffs (about 1 s, then about 2 s) before the third attempt succeeds.
+    wait_for(lambda: settled(service) == (1, 0, 1), timeout=WAIT_SECONDS, interval=0.2)
+
+    retried = ("POST", "/events/track", {"identity": {"id": "u5"}, "event_name": "Retried",
+                                         "extras": EXTRAS, "auth_token": TOKEN})
+    refused = ("POST", "/users/track", {"id": "u6", "data": {"id": "u6"}, "auth_token": TOKEN})
+    assert per_user(vero.received()) == {"u5": [retried] * 3, "u6": [refused]}
+    dead = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", "outbox", "dead"], cwd=ROOT,
+        env=service.env, capture_output=True, text=True, timeout=60)
+    assert dead.returncode == 0, dead.stderr
+    assert 'POST /users/track: Vero answered 400: {"message": "Invalid email"}' in dead.stdout
+    assert TOKEN not in dead.stdout
