@@ -28,6 +28,9 @@ timeout = 30
 # SIGTERM: stop claiming, finish or release deliveries in flight, then exit.
 graceful_timeout = 30
 keepalive = 5
+# gunicorn 27's control socket lives at one fixed path per user, which several
+# instances on one host would fight over; nothing here uses it.
+control_socket_disable = True
 
 logconfig_dict = {
     "version": 1,
