@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -166,6 +167,12 @@ class PostgresStore:
             raise StoreError("DATABASE_URL names PostgreSQL, but its driver is not installed:"
                              " install vero-bridge[postgres]")
         self._password, self.where, settings = _parse(url)
+        pool_log = logging.getLogger("psycopg.pool")
+        if pool_log.level == logging.NOTSET:
+            # The pool logs every connection lent and returned at INFO, the
+            # service's level: lines per request. Its warnings (a failed
+            # connect, with libpq's reason) still show.
+            pool_log.setLevel(logging.WARNING)
         self.timeout = timeout
         self._health = _ServerHealth()
         kwargs: dict[str, Any] = {"autocommit": True}
@@ -219,7 +226,10 @@ class PostgresStore:
         """A connection from the pool. Waits while every connection is busy,
         but fails at once, with the server's reason, while it does not answer:
         a request then gets its 503 without tying up a thread for the timeout."""
-        self._open_pool()
+        try:
+            self._open_pool()
+        except psycopg.Error as exc:  # closed for good
+            raise self._failure("reached", exc) from None
         deadline = time.monotonic() + self.timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -232,7 +242,7 @@ class PostgresStore:
                 if remaining <= WAIT_SLICE:
                     raise StoreError(f"no connection to the PostgreSQL outbox at {self.where}"
                                      f" came free within {self.timeout:g}s") from None
-            except psycopg.Error as exc:  # the pool is closed
+            except psycopg.Error as exc:  # closed meanwhile
                 raise self._failure("reached", exc) from None
 
     @contextmanager
