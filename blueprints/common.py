@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hmac
+import logging
+from dataclasses import asdict
 from typing import Sequence
 
 from flask import current_app, jsonify
@@ -9,6 +11,8 @@ from flask import current_app, jsonify
 from service import metrics
 from service.bridge import Bridge
 from service.results import Reject, Result
+
+log = logging.getLogger("vero_bridge.intake")
 
 
 def bridge() -> Bridge:
@@ -33,6 +37,10 @@ def answer(direction: str, results: Sequence[Result], single: bool):
     """A lone invalid message is a 400 naming the field; in a batch, invalid items
     are listed and the valid ones accepted. Raises StoreError (-> 503) when the
     outbox cannot be written."""
+    if log.isEnabledFor(logging.DEBUG):
+        # Bodies hold personal data (emails): only ever at debug level.
+        log.debug("mapped", extra={"direction": direction,
+                                   "results": [{type(r).__name__: asdict(r)} for r in results]})
     if single and isinstance(results[0], Reject):
         bridge().accept(direction, results)  # counted, nothing stored
         return error(400, results[0].error)
