@@ -4,14 +4,25 @@ refused cleanly rather than by a crash."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from service.results import Reject
 
+# Segment messages nest a few levels (properties may hold objects of their
+# own). A cap far above that, and far below Python's recursion limit, keeps a
+# body that parses from failing later, when its dedup key or stored form is
+# encoded: that would be a 500 instead of a 400.
+MAX_NESTING = 64
+
+# JSON can escape half of a surrogate pair ("\ud800"), which decodes to text
+# that is not Unicode: it cannot be hashed for de-duplication or sent as UTF-8.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 def loads(text: str) -> Any | Reject:
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as error:
         return Reject(f"body is not valid JSON: {error.msg} at line {error.lineno}"
                       f" column {error.colno}", "bad_json")
@@ -19,6 +30,7 @@ def loads(text: str) -> Any | Reject:
         return Reject(f"body is not valid JSON: {error}", "bad_json")
     except RecursionError:
         return Reject("body is not valid JSON: nested too deeply", "bad_json")
+    return _refuse_unusable(value)
 
 
 def parse(raw: bytes) -> Any | Reject:
@@ -35,3 +47,22 @@ def parse(raw: bytes) -> Any | Reject:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
+
+
+def _refuse_unusable(value: Any) -> Any | Reject:
+    """The value, or a Reject when it nests too deeply or holds a lone
+    surrogate. Walks with its own stack, so it cannot hit the recursion limit."""
+    pending = [(value, 0)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, str):
+            if _LONE_SURROGATE.search(node):
+                return Reject("body is not valid JSON: a text value is not valid Unicode"
+                              " (unpaired surrogate)", "bad_encoding")
+        elif isinstance(node, (dict, list)):
+            if depth >= MAX_NESTING:
+                return Reject(f"body is not valid JSON: nested more than {MAX_NESTING} levels deep",
+                              "bad_json")
+            children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+            pending.extend((child, depth + 1) for child in children)
+    return value
