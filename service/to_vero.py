@@ -533,7 +533,8 @@ def _first_element_text(raw_body: bytes) -> bytes | None:
     start = _skip_json_whitespace(text, start + 1)
     try:
         _, end = json.JSONDecoder().raw_decode(text, start)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # Deep nesting is not a message; the body parser refuses it with a 400.
         return None
     return text[start:end].encode("utf-8")
 
