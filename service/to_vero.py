@@ -430,9 +430,10 @@ def _dedup_key(message: dict) -> str:
     message_id = _as_id(message.get("messageId"), "messageId", "messageId")
     if message_id is not None:
         return "a:" + message_id
-    # Without an id, an exact re-send is still the same message.
+    # Without an id, an exact re-send is still the same message. surrogatepass:
+    # a lone surrogate must not make the mapping raise (the edge refuses it).
     canonical = json.dumps(message, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "a:sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return "a:sha256:" + hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # --------------------------------------------------------------------------
