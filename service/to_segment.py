@@ -22,6 +22,7 @@ from service.vero_schemas import (
     SCHEMAS,
     USER_EVENT_TYPES,
     describe_errors,
+    id_text,
     load_event_type,
     time_field,
 )
@@ -311,7 +312,7 @@ def message_id(webhook: dict[str, Any], event_type: str) -> str:
         _present(webhook.get("message_id")),
         user,
         webhook.get(time_field(event_type)),
-        _present(campaign.get("id")),
+        _present(id_text(campaign.get("id"))),
     ]
     canonical = json.dumps(identity, separators=(",", ":"), ensure_ascii=False)
     digest = hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()

@@ -50,15 +50,33 @@ class Identifier(fields.Field):
     default_error_messages = {"invalid": "must be a string or an integer"}
 
     def _deserialize(self, value: Any, attr, data, **kwargs) -> str:
-        if isinstance(value, bool):
+        text = id_text(value)
+        if text is None:
             raise self.make_error("invalid")
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int):
-            return str(value)
-        if isinstance(value, float) and value.is_integer():
-            return str(int(value))
-        raise self.make_error("invalid")
+        return text
+
+
+class CampaignId(Identifier):
+    """Checked like any id, but kept as given: MAPPING.md copies `campaign.id`
+    into `properties.campaign_id` unchanged (only `userId` is made a string)."""
+
+    def _deserialize(self, value: Any, attr, data, **kwargs) -> Any:
+        super()._deserialize(value, attr, data, **kwargs)
+        return value
+
+
+def id_text(value: Any) -> str | None:
+    """An id as text (42, 42.0 and "42" are the same id), or None when the
+    value cannot be an id (booleans, fractions, objects)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return None
 
 
 class UnixSeconds(fields.Field):
@@ -96,7 +114,7 @@ class UserSchema(_Tolerant):
 
 
 class CampaignSchema(_Tolerant):
-    id = Identifier(allow_none=True)
+    id = CampaignId(allow_none=True)
     # Copied into Segment properties as given, so any JSON value is accepted:
     # refusing an event because a campaign name is a number would lose it.
     name = fields.Raw(allow_none=True)

@@ -96,7 +96,7 @@ def test_the_documented_example_becomes_this_exact_message():
                 "properties": {
                     "email_id": "abc123@mail.example",
                     "email_subject": "Hi",
-                    "campaign_id": "101",
+                    "campaign_id": 101,
                     "campaign_name": "Welcome",
                     "campaign_type": "behavioural",
                     "campaign_variation": "A",

@@ -42,7 +42,7 @@ EXAMPLE_TRACK = {
     "properties": {
         "email_id": "abc123@mail.example",
         "email_subject": "Hi",
-        "campaign_id": "101",
+        "campaign_id": 101,
         "campaign_name": "Welcome",
         "campaign_type": "behavioural",
         "campaign_variation": "A",
@@ -247,7 +247,7 @@ def test_every_vero_email_event_type_is_forwarded_under_its_segment_name(app, cl
         assert message["timestamp"] == datetime.fromtimestamp(at + n, timezone.utc).strftime(
             "%Y-%m-%dT%H:%M:%S.000Z")
         assert message["properties"]["email_id"] == f"m-u{n}"
-        assert message["properties"]["campaign_id"] == "7"
+        assert message["properties"]["campaign_id"] == 7
         assert message["context"]["integration"] == {"name": "vero", "version": VERSION["version"]}
     bounced = by_user[f"u{list(EVENT_NAMES).index('bounced')}"]["properties"]
     assert (bounced["bounce_type"], bounced["bounce_code"], bounced["bounce_message"]) == (
