@@ -67,6 +67,21 @@ RETURNING id, order_key, payload, attempts, progress, created_at
 """
 
 
+INSERT = ("INSERT INTO outbox (direction, dedup_key, order_key, payload,"
+          " available_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+          " ON CONFLICT (direction, dedup_key) DO NOTHING")
+
+
+class _Enqueue:
+    """One caller's rows waiting for a group commit, and what became of them."""
+
+    def __init__(self, rows: list[tuple]):
+        self.rows = rows
+        self.inserted: list[bool] = []
+        self.error: StoreError | None = None
+        self.done = False
+
+
 class SQLiteStore:
     def __init__(self, path: str):
         self.path = path
@@ -78,6 +93,9 @@ class SQLiteStore:
         # free: under load that idle waiting, not the commit, bounded ingest.
         # Reentrant: opening a connection may write the schema inside a write.
         self._write_lock = threading.RLock()
+        # Requests waiting for the next group commit (see enqueue).
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Enqueue] = []
         self._connections: list[sqlite3.Connection] = []
         self._ready = False
 
@@ -146,18 +164,41 @@ class SQLiteStore:
     # -- the Store interface -----------------------------------------------
 
     def enqueue(self, direction: str, items: Sequence[Accept], now: float) -> list[bool]:
-        inserted = []
-        with self._write() as conn:
-            for item in items:
-                cursor = conn.execute(
-                    "INSERT INTO outbox (direction, dedup_key, order_key, payload,"
-                    " available_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (direction, dedup_key) DO NOTHING",
-                    (direction, item.dedup_key, item.order_key,
-                     json.dumps(item.payload, separators=(",", ":")), now, now, now),
-                )
-                inserted.append(cursor.rowcount == 1)
-        return inserted
+        """Group commit: each commit waits for its fsync (synchronous = FULL),
+        and one transaction per request made that wait the bound on ingest.
+        Requests that arrive while a commit is under way queue here, and the
+        next of them to get the write lock commits them all at once. Each
+        caller still returns only after its own rows are committed, and gets
+        its own answer: rows go in arrival order, as one by one."""
+        rows = [(direction, item.dedup_key, item.order_key,
+                 json.dumps(item.payload, separators=(",", ":")), now, now, now) for item in items]
+        mine = _Enqueue(rows)
+        with self._queue_lock:
+            self._queue.append(mine)
+        with self._write_lock:
+            if not mine.done:
+                self._commit_queued()
+        if mine.error is not None:
+            raise mine.error
+        return mine.inserted
+
+    def _commit_queued(self) -> None:
+        with self._queue_lock:
+            group, self._queue = self._queue, []
+        # Whatever stops the commit, no caller of the group may go on as if
+        # its rows were stored.
+        error: StoreError | None = StoreError("the SQLite outbox cannot be written: the commit did not finish")
+        try:
+            with self._write() as conn:
+                for request in group:
+                    request.inserted = [conn.execute(INSERT, row).rowcount == 1 for row in request.rows]
+            error = None
+        except StoreError as exc:
+            error = exc
+        finally:
+            for request in group:
+                request.error = error
+                request.done = True
 
     def claim(self, direction: str, limit: int, lease_seconds: float, now: float) -> list[Item]:
         lease = uuid.uuid4().hex
