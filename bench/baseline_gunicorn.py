@@ -1,15 +1,13 @@
-"""gunicorn settings for the ingest baseline: the process settings of the
-project's gunicorn.conf.py (workers, worker class, threads, timeouts, keep-alive,
-logging), without its hooks, which expect the service's app."""
+"""gunicorn settings for the ingest baseline: every setting of the project's
+gunicorn.conf.py (workers, worker class, threads, timeouts, keep-alive,
+logging, logger class) except its hooks, which expect the service's app, and
+the bind, which the benchmark gives."""
 import os
 import runpy
 
-_settings = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "gunicorn.conf.py"))
+from gunicorn.config import KNOWN_SETTINGS
 
-workers = _settings["workers"]
-worker_class = _settings["worker_class"]
-threads = _settings["threads"]
-timeout = _settings["timeout"]
-graceful_timeout = _settings["graceful_timeout"]
-keepalive = _settings["keepalive"]
-logconfig_dict = _settings["logconfig_dict"]
+HOOKS = {"on_starting", "post_worker_init", "worker_exit", "child_exit"}
+_names = {setting.name for setting in KNOWN_SETTINGS} - HOOKS - {"bind"}
+_settings = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "gunicorn.conf.py"))
+globals().update({name: value for name, value in _settings.items() if name in _names})

@@ -105,7 +105,9 @@ class Profiler:
             output.parent.mkdir(exist_ok=True)
             self.procs.append(subprocess.Popen(
                 [str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
-                 "--nonblocking", "--output", str(output), "--duration", "600"],
+                 "--nonblocking", "--output", str(output), "--duration", "600",
+                 # Only samples holding the GIL: where the CPU goes, not the waiting.
+                 *(["--gil"] if os.environ.get("BENCH_PROFILE_GIL") else [])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     def stop(self) -> None:
