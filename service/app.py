@@ -34,7 +34,7 @@ def create_app(config: Config | None = None, senders: list[Sender] | None = None
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     database_url = config.database_url or "sqlite:///" + os.path.join(
         app.instance_path, "vero-bridge.db")
-    store = open_store(database_url)
+    store = open_store(database_url, pool_size=config.outbox_pool_size)
     if senders is None:
         from service.senders import default_senders
 

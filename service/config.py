@@ -42,6 +42,7 @@ class Config:
     outbox_max_age_hours: float = 72.0
     outbox_retention_hours: float = 168.0
     delivery_in_web: bool = True
+    outbox_pool_size: int = 16
     # Settings beyond SERVICE.md's fixed names, for operators and tests.
     delivery_threads: int = 4
     delivery_poll_seconds: float = 0.25
@@ -86,6 +87,7 @@ class Config:
             outbox_max_age_hours=read.number("OUTBOX_MAX_AGE_HOURS", 72.0, 0.001),
             outbox_retention_hours=read.number("OUTBOX_RETENTION_HOURS", 168.0, 0.0),
             delivery_in_web=read.boolean("DELIVERY_IN_WEB", True),
+            outbox_pool_size=read.integer("OUTBOX_POOL_SIZE", 16, 1, 1000),
             delivery_threads=read.integer("DELIVERY_THREADS", 4, 1, 64),
             delivery_poll_seconds=read.number("DELIVERY_POLL_SECONDS", 0.25, 0.01),
             log_level=read.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),

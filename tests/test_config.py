@@ -58,6 +58,7 @@ def test_every_variable_is_read():
     ({"OUTBOX_MAX_AGE_HOURS": "nan"}, "OUTBOX_MAX_AGE_HOURS"),
     ({"OUTBOX_RETENTION_HOURS": "-5"}, "OUTBOX_RETENTION_HOURS"),
     ({"DELIVERY_IN_WEB": "maybe"}, "DELIVERY_IN_WEB"),
+    ({"OUTBOX_POOL_SIZE": "lots"}, "OUTBOX_POOL_SIZE"),
     ({"VERO_ALLOW_ANONYMOUS": "2"}, "VERO_ALLOW_ANONYMOUS"),
 ])
 def test_an_invalid_value_names_its_variable(env, variable):

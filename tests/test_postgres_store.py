@@ -353,12 +353,6 @@ def test_more_threads_than_connections_wait_their_turn(postgres_url):
         store.close()
 
 
-def test_a_bad_pool_size_setting_is_named(postgres_url, monkeypatch):
-    monkeypatch.setenv("OUTBOX_POOL_SIZE", "lots")
-    with pytest.raises(StoreError, match="OUTBOX_POOL_SIZE"):
-        PostgresStore(postgres_url)
-
-
 def test_payloads_come_back_exactly_as_given(postgres_url):
     store = PostgresStore(postgres_url)
     payload = {"zeta": 1, "alpha": "nul \u0000 inside", "list": [3, 1.5, None], "key": "m1"}

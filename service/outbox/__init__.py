@@ -89,7 +89,7 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, pool_size: int | None = None) -> Store:
     if url.startswith("sqlite:///"):
         from service.outbox.sqlite import SQLiteStore
 
@@ -97,5 +97,5 @@ def open_store(url: str) -> Store:
     if url.startswith("postgresql://"):
         from service.outbox.postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, max_size=pool_size)
     raise ValueError("unsupported store URL")

@@ -7,7 +7,7 @@ SQLite serialises every writer, while here web processes, delivery threads and
 item at a time, in order.
 
 Settings beyond the URL:
-- `OUTBOX_POOL_SIZE` (or the `max_size` keyword): the most connections one
+- `max_size` (the `OUTBOX_POOL_SIZE` setting): the most connections one
   process keeps, default 16 — gunicorn's request threads (8 by default) plus
   the delivery threads, with room to spare. Multiply by the number of
   processes when sizing the server's `max_connections`.
@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -187,7 +186,7 @@ class PostgresStore:
             kwargs=kwargs,
             connection_class=_reporting_connection(self._health, self._redact),
             min_size=1,
-            max_size=max_size or _pool_size_from_env(),
+            max_size=max_size or DEFAULT_POOL_SIZE,
             open=False,
             # A connection from before a server restart fails this check and is
             # replaced, instead of failing the caller's statement.
@@ -420,15 +419,6 @@ def _parse(url: str) -> tuple[str | None, str, dict[str, str]]:
     where = (f"{settings.get('host') or 'localhost'}:{settings.get('port') or 5432}"
              f"/{settings.get('dbname') or settings.get('user') or ''}")
     return settings.get("password") or None, where, settings
-
-
-def _pool_size_from_env() -> int:
-    value = os.environ.get("OUTBOX_POOL_SIZE", "").strip()
-    if not value:
-        return DEFAULT_POOL_SIZE
-    if not value.isdigit() or not 1 <= int(value) <= 1000:
-        raise StoreError(f"OUTBOX_POOL_SIZE: expected a number from 1 to 1000, got {value!r}")
-    return int(value)
 
 
 def _reporting_connection(health: _ServerHealth, redact):
