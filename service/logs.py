@@ -16,8 +16,17 @@ _WEBHOOK_PATH = re.compile(r"(/vero/webhooks/)[^/\s?#\"']+")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
+# Email addresses are personal data: they may only be logged at debug level,
+# yet an upstream's error answer can echo a message's body into a warning.
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+
+
 def redact(text: str) -> str:
     return _WEBHOOK_PATH.sub(r"\1[redacted]", text)
+
+
+def redact_personal(text: str) -> str:
+    return _EMAIL.sub("[email]", text)
 
 
 def _request_id() -> str | None:
@@ -46,7 +55,10 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return redact(json.dumps(entry, default=str))
+        line = redact(json.dumps(entry, default=str))
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            line = redact_personal(line)
+        return line
 
 
 def configure(level: str = "INFO") -> None:
