@@ -111,7 +111,7 @@ def test_no_secret_and_no_email_reaches_logs_errors_or_answers(credential, upstr
     logs = service.logs()
     # The service did log what happened, so the checks below look at real lines.
     assert "vero_bridge.access" in logs and "/vero/webhooks/[redacted]" in logs
-    assert '"Vero delivery failed"' in logs or "Vero delivery" in logs
+    assert "Vero delivery failed" in logs
     assert "Segment refused a batch" in logs
     seen_by_users = "\n".join(
         [answer.text + json.dumps(dict(answer.headers)) for answer in answers] + [dead_listing])
@@ -151,4 +151,4 @@ def test_a_configuration_error_names_the_variable_but_never_a_secret(tmp_path):
     assert result.returncode != 0
     assert "VERO_AUTH_TOKEN" in output
     for value in (token, key):
-        assert not forms(value) & {part for part in forms(value) if part in output}
+        assert not any(form in output for form in forms(value))
