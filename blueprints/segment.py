@@ -6,11 +6,11 @@ import time
 
 from flask import Blueprint, request
 
-from blueprints.common import answer, bridge, refuse, secret_matches
+from blueprints.common import answer, bridge, refuse
 from service import jsonbody
 from service.bridge import SEGMENT_TO_VERO
 from service.results import Reject
-from service.to_vero import map_message, signature_ok, split_body
+from service.to_vero import basic_auth_ok, map_message, signature_ok, split_body
 
 bp = Blueprint("segment", __name__)
 
@@ -36,13 +36,16 @@ def _ingest(route_type: str | None):
     if not secret:
         return refuse(SEGMENT_TO_VERO, 401, "unauthorized",
                        "SEGMENT_SHARED_SECRET is not set, so no request can be authenticated")
-    raw = request.get_data(cache=False)
+    # Basic auth needs no body, so an unauthenticated request is refused
+    # before its body is read (SERVICE.md: authentication, then 400/413).
     username = request.authorization.username if request.authorization else None
-    if not (signature_ok(raw, request.headers.get("X-Signature"), secret)
-            or secret_matches(username, secret)):
-        return refuse(SEGMENT_TO_VERO, 401, "unauthorized",
-                       "unauthorized: send X-Signature (HMAC-SHA1 of the body with the shared"
-                       " secret) or HTTP Basic auth with the shared secret as the user name")
+    basic_ok = basic_auth_ok(username, secret)
+    signature = request.headers.get("X-Signature")
+    if not basic_ok and not signature:
+        return _unauthorized()
+    raw = request.get_data(cache=False)
+    if not basic_ok and not signature_ok(raw, signature, secret):
+        return _unauthorized()
     body = jsonbody.parse(raw)
     items = body if isinstance(body, Reject) else split_body(body, route_type)
     if isinstance(items, Reject):
@@ -55,3 +58,9 @@ def _ingest(route_type: str | None):
                for item in items]
     return answer(SEGMENT_TO_VERO, results, single)
 
+
+
+def _unauthorized():
+    return refuse(SEGMENT_TO_VERO, 401, "unauthorized",
+                  "unauthorized: send X-Signature (HMAC-SHA1 of the body with the shared"
+                  " secret) or HTTP Basic auth with the shared secret as the user name")

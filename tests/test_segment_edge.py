@@ -219,6 +219,22 @@ def test_a_body_over_the_size_limit_is_413(make_app, env, vero):
     assert states(app) == {}
 
 
+def test_authentication_is_checked_before_the_body_size(make_app, env, vero):
+    """SERVICE.md's order: unauthenticated is 401 whatever the body; only an
+    authenticated (or signed, which needs the body) request learns of 413."""
+    app = make_app({**env, "MAX_BODY_BYTES": "2048"})
+    client = app.test_client()
+    big = json.dumps(track(properties={"padding": "x" * 3000})).encode()
+
+    assert post(client, big, secret=None).status_code == 401
+    assert post(client, big, path="/v1/track", secret=None,
+                headers=basic("wrong")).status_code == 401
+    assert post(client, big, path="/v1/track", secret=None,
+                headers=basic(SECRET)).status_code == 413
+    assert post(client, big).status_code == 413
+    assert states(app) == {}
+
+
 def test_a_body_at_the_size_limit_is_accepted(make_app, env, vero):
     app = make_app({**env, "MAX_BODY_BYTES": "2048"})
     body = track(properties={"padding": ""})
