@@ -85,7 +85,7 @@ def _accept(message: dict, kind: str, allow_anonymous: bool, received_at: float)
     _check_schema(message)
 
     calls = _BUILDERS[kind](message, user_id, email, received_at)
-    if tags is not None and kind != "delete":
+    if tags is not None:
         calls.append(tags)
     order_key = user_id if user_id is not None else email[0]
     return Accept(dedup_key=_dedup_key(message), order_key=order_key, payload={"calls": calls})
@@ -118,9 +118,9 @@ def _vero_options(message: dict) -> dict | None:
 
 
 def _vero_on(value: Any) -> bool:
-    # In Segment an object under a destination's key carries its options and
-    # means "on", like true.
-    return value is True or isinstance(value, dict)
+    # Any truthy value turns Vero back on (A.1). An object counts even when
+    # empty: in Segment it carries the destination's options and means "on".
+    return isinstance(value, dict) or bool(value)
 
 
 def _lookup(mapping: dict, key: str) -> Any:
@@ -248,16 +248,11 @@ def _check_schema(message: dict) -> None:
 
 
 def _identify(message: dict, user_id, email, received_at) -> list[dict]:
-    data = {**_object(message.get("traits"))}
-    if user_id is not None:
-        data["id"] = user_id
-    user_agent = _user_agent(message)
-    if user_agent is not None:
-        data["userAgent"] = user_agent
+    additions = {"id": user_id, "userAgent": _user_agent(message)}
     body = _compact(
         id=user_id,
         email=email[0] if email else None,
-        data=data or None,
+        data=_data(message.get("traits"), additions),
         channels=_push_channels(message),
     )
     return [_call("POST", "/users/track", body)]
@@ -285,10 +280,7 @@ def _track(message: dict, user_id, email, received_at) -> list[dict]:
             if not isinstance(product, dict):
                 raise _Rejected(f"properties.products[{index}] must be an object", "products")
             calls.append(_event(identity, "Ordered Product", product, created_at))
-    data = {**properties}
-    user_agent = _user_agent(message)
-    if user_agent is not None:
-        data["userAgent"] = user_agent
+    data = _data(message.get("properties"), {"userAgent": _user_agent(message)})
     calls.append(_event(identity, message["event"], data, created_at))
     return calls
 
@@ -311,13 +303,12 @@ def _event_kind(message: dict) -> str:
 
 def _viewed(event_name: str):
     def build(message: dict, user_id, email, received_at) -> list[dict]:
-        data = {**_object(message.get("properties"))}
+        properties = message.get("properties")
+        additions = {key: message[key] for key in ("name", "category") if has_value(message.get(key))}
         page_url = _nested(message, "context", "page", "url")
-        if not has_value(data.get("url")) and isinstance(page_url, str) and page_url:
-            data["url"] = page_url
-        for key in ("name", "category"):
-            if has_value(message.get(key)):
-                data[key] = message[key]
+        if not has_value(_object(properties).get("url")) and isinstance(page_url, str) and page_url:
+            additions["url"] = page_url
+        data = _data(properties, additions)
         created_at = _created_at(message, received_at)
         return [_event(_identity(user_id, email), event_name, data, created_at)]
 
@@ -359,11 +350,21 @@ def _identity(user_id: str | None, email) -> dict:
     return _compact(id=user_id, email=email[0] if email else None)
 
 
-def _event(identity: dict, name: str, data: dict, created_at: int) -> dict:
+def _data(given: Any, additions: dict) -> dict | None:
+    """The sender's object (traits or properties) as given, even when empty,
+    with the mapping's own values added over it; None (the key left out) when
+    the sender gave no object and the mapping adds nothing."""
+    added = {key: value for key, value in additions.items() if value is not None}
+    if not isinstance(given, dict) and not added:
+        return None
+    return {**_object(given), **added}
+
+
+def _event(identity: dict, name: str, data: dict | None, created_at: int) -> dict:
     body = _compact(
         identity=identity,
         event_name=name,
-        data=data or None,
+        data=data,
         extras={"created_at": created_at, "source": "segment"},
     )
     return _call("POST", "/events/track", body)
