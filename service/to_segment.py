@@ -309,7 +309,7 @@ def message_id(webhook: dict[str, Any], event_type: str) -> str:
     campaign = webhook.get("campaign") or {}
     identity = [
         event_type,
-        _present(webhook.get("message_id")),
+        _present(id_text(webhook.get("message_id"))),
         user,
         webhook.get(time_field(event_type)),
         _present(id_text(campaign.get("id"))),
@@ -362,12 +362,10 @@ def _properties(webhook: dict[str, Any], event_type: str) -> dict[str, Any]:
         # `url` and `link` are generic names, so they are read only where a
         # link is what the event is about.
         "link_url": _first(webhook, "link_url", "url", "link") if event_type == "clicked" else None,
-        # These names are unambiguous, so they are kept on any event (a
-        # failed send may carry them too).
-        "bounce_type": webhook.get("bounce_type"),
-        "bounce_code": webhook.get("bounce_code"),
-        "bounce_message": webhook.get("bounce_message"),
     }
+    if event_type == "bounced":
+        for key in ("bounce_type", "bounce_code", "bounce_message"):
+            candidates[key] = webhook.get(key)
     return {key: value for key, value in candidates.items() if _present(value) is not None}
 
 

@@ -56,9 +56,9 @@ class Identifier(fields.Field):
         return text
 
 
-class CampaignId(Identifier):
+class CopiedId(Identifier):
     """Checked like any id, but kept as given: MAPPING.md copies `campaign.id`
-    into `properties.campaign_id` unchanged (only `userId` is made a string)."""
+    and `message_id` into properties unchanged (only `userId` is made a string)."""
 
     def _deserialize(self, value: Any, attr, data, **kwargs) -> Any:
         super()._deserialize(value, attr, data, **kwargs)
@@ -114,7 +114,7 @@ class UserSchema(_Tolerant):
 
 
 class CampaignSchema(_Tolerant):
-    id = CampaignId(allow_none=True)
+    id = CopiedId(allow_none=True)
     # Copied into Segment properties as given, so any JSON value is accepted:
     # refusing an event because a campaign name is a number would lose it.
     name = fields.Raw(allow_none=True)
@@ -168,7 +168,7 @@ class VeroWebhookSchema(EventTypeSchema):
 
     user = fields.Nested(UserSchema, allow_none=True)
     campaign = fields.Nested(CampaignSchema, allow_none=True)
-    message_id = Identifier(allow_none=True)
+    message_id = CopiedId(allow_none=True)
     user_agent = fields.String(allow_none=True)
 
 

@@ -480,9 +480,16 @@ def test_a_url_on_an_event_that_is_not_a_click_is_not_a_link():
     assert accepted(minimal("opened", url="https://example.org"))["properties"] == {}
 
 
-def test_bounce_fields_are_kept_on_any_event_that_carries_them():
+def test_bounce_fields_are_read_on_bounced_events_only():
+    # MAPPING.md B.2 lists them for bounced.
     properties = accepted(minimal("failed", bounce_message="mailbox full"))["properties"]
-    assert properties == {"bounce_message": "mailbox full"}
+    assert properties == {}
+
+
+def test_a_numeric_message_id_is_copied_as_given_and_is_the_same_identity_as_its_text():
+    as_number = accepted(minimal("sent", message_id=77))
+    assert as_number["properties"]["email_id"] == 77
+    assert as_number["messageId"] == accepted(minimal("sent", message_id="77"))["messageId"]
 
 
 # ---------------------------------------------------------------------------

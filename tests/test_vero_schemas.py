@@ -105,8 +105,8 @@ def test_campaign_id_may_be_a_number_or_a_string(given, loaded):
     assert load_webhook(payload)["campaign"]["id"] == loaded
 
 
-def test_message_id_as_a_number_is_loaded_as_a_string():
-    assert load_webhook(webhook("sent", message_id=77))["message_id"] == "77"
+def test_message_id_as_a_number_is_kept_as_given():
+    assert load_webhook(webhook("sent", message_id=77))["message_id"] == 77
 
 
 @pytest.mark.parametrize("user", ["u_42", 42, ["u_42"], True])
