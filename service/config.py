@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -15,6 +16,13 @@ from urllib.parse import urlsplit
 
 DEFAULT_VERO_API_URL = "https://api.getvero.com/api/v2"
 DEFAULT_SEGMENT_API_URL = "https://api.segment.io/v1"
+
+
+# A host name (letters, digits, hyphens, dots, and the underscores internal
+# names use; no label starting or ending in a hyphen), an IPv4 address, or an
+# IPv6 address (urlsplit strips its brackets).
+_HOST = re.compile(r"^(?:(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?)(?:\.(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?))*\.?"
+                   r"|[0-9A-Fa-f:.]+)$")
 
 
 class ConfigError(ValueError):
@@ -81,7 +89,7 @@ class Config:
             vero_event_names=read.event_names("VERO_EVENT_NAMES"),
             database_url=read.database_url("DATABASE_URL"),
             port=read.integer("PORT", 8000, 1, 65535),
-            max_body_bytes=read.integer("MAX_BODY_BYTES", 4 * 1024 * 1024, 1024, 1 << 30),
+            max_body_bytes=read.integer("MAX_BODY_BYTES", 4 * 1024 * 1024, 1, 1 << 30),
             outbox_lease_seconds=read.number("OUTBOX_LEASE_SECONDS", 30.0, 1.0),
             outbox_max_attempts=read.integer("OUTBOX_MAX_ATTEMPTS", 25, 1, 1000),
             outbox_max_age_hours=read.number("OUTBOX_MAX_AGE_HOURS", 72.0, 0.001),
@@ -168,6 +176,11 @@ class _Reader:
             raise ConfigError(f"{name}: not a valid URL") from None
         if parts.scheme not in schemes or not parts.hostname:
             raise ConfigError(f"{name}: expected an {' or '.join(schemes)} URL with a host")
+        if not _HOST.match(parts.hostname) or any(c.isspace() for c in value):
+            raise ConfigError(f"{name}: not a valid URL (the host or a character is malformed)")
+        if parts.query or parts.fragment or "?" in value or "#" in value:
+            # Paths are appended to this base; a query or fragment would swallow them.
+            raise ConfigError(f"{name}: a base URL takes no query or fragment")
         return value.rstrip("/")
 
     def database_url(self, name: str) -> str | None:

@@ -19,6 +19,18 @@ def test_defaults_match_the_spec():
     assert config.database_url is None and config.vero_event_names == {}
 
 
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8080/api/v2", "https://api.getvero.com/api/v2/", "http://localhost:9",
+    "http://[::1]:8080/v1", "https://events.eu1.segmentapis.com/v1",
+])
+def test_valid_urls_are_accepted(url):
+    assert Config.from_env({"VERO_API_URL": url}).vero_api_url == url.rstrip("/")
+
+
+def test_a_small_body_limit_is_allowed():
+    assert Config.from_env({"MAX_BODY_BYTES": "100"}).max_body_bytes == 100
+
+
 def test_every_variable_is_read():
     config = Config.from_env({
         "VERO_TRACKING_API_KEY": "tk", "VERO_API_URL": "http://127.0.0.1:9/api/v2/",
@@ -53,6 +65,12 @@ def test_every_variable_is_read():
     ({"PORT": "eighty"}, "PORT"),
     ({"PORT": "70000"}, "PORT"),
     ({"MAX_BODY_BYTES": "-1"}, "MAX_BODY_BYTES"),
+    ({"MAX_BODY_BYTES": "0"}, "MAX_BODY_BYTES"),
+    ({"VERO_API_URL": "https://exa mple.com"}, "VERO_API_URL"),
+    ({"VERO_API_URL": "https://ho_st!/api"}, "VERO_API_URL"),
+    ({"VERO_API_URL": "https://-/"}, "VERO_API_URL"),
+    ({"SEGMENT_API_URL": "https://api.segment.io/v1?x=1"}, "SEGMENT_API_URL"),
+    ({"SEGMENT_API_URL": "https://api.segment.io/v1#frag"}, "SEGMENT_API_URL"),
     ({"OUTBOX_LEASE_SECONDS": "0"}, "OUTBOX_LEASE_SECONDS"),
     ({"OUTBOX_MAX_ATTEMPTS": "many"}, "OUTBOX_MAX_ATTEMPTS"),
     ({"OUTBOX_MAX_AGE_HOURS": "nan"}, "OUTBOX_MAX_AGE_HOURS"),
