@@ -38,7 +38,7 @@ def status(as_json: bool):
         created = oldest.get(direction)
         rows.append({
             "direction": direction,
-            "pending": counts.get((direction, PENDING), 0) + in_flight,
+            "pending": counts.get((direction, PENDING), 0),
             "in_flight": in_flight,
             "delivered": counts.get((direction, DELIVERED), 0),
             "dead": counts.get((direction, DEAD), 0),

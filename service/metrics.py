@@ -61,10 +61,9 @@ class OutboxCollector:
         up.add_metric([], 1)
         yield up
         for direction in DIRECTIONS:
-            waiting = counts.get((direction, PENDING), 0)
-            in_flight = counts.get((direction, IN_FLIGHT), 0)
-            depth.add_metric([direction, PENDING], waiting + in_flight)
-            depth.add_metric([direction, IN_FLIGHT], in_flight)
+            # Disjoint states, so that their sum is the depth.
+            depth.add_metric([direction, PENDING], counts.get((direction, PENDING), 0))
+            depth.add_metric([direction, IN_FLIGHT], counts.get((direction, IN_FLIGHT), 0))
             depth.add_metric([direction, DEAD], counts.get((direction, DEAD), 0))
             created = oldest.get(direction)
             age.add_metric([direction], max(now - created, 0.0) if created else 0.0)

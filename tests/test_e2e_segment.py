@@ -56,7 +56,8 @@ def settled(service) -> tuple[float, float, float]:
     return (
         metric(service, "vero_bridge_deliveries_total", upstream="vero", result="succeeded",
                status_class="2xx"),
-        metric(service, "vero_bridge_outbox_items", direction="segment_to_vero", state="pending"),
+        metric(service, "vero_bridge_outbox_items", direction="segment_to_vero", state="pending")
+        + metric(service, "vero_bridge_outbox_items", direction="segment_to_vero", state="in_flight"),
         metric(service, "vero_bridge_outbox_items", direction="segment_to_vero", state="dead"),
     )
 

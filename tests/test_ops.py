@@ -82,7 +82,7 @@ def test_metrics_expose_counters_and_outbox_gauges_from_the_store(make_app, sqli
     assert response.status_code == 200
     assert response.content_type.startswith("text/plain; version=0.0.4")
     text = response.get_data(as_text=True)
-    assert metric(text, "vero_bridge_outbox_items", direction="segment_to_vero", state="pending") == 2
+    assert metric(text, "vero_bridge_outbox_items", direction="segment_to_vero", state="pending") == 1
     assert metric(text, "vero_bridge_outbox_items", direction="segment_to_vero", state="in_flight") == 1
     assert metric(text, "vero_bridge_outbox_items", direction="vero_to_segment", state="dead") == 0
     age = metric(text, "vero_bridge_outbox_oldest_pending_age_seconds", direction="segment_to_vero")
