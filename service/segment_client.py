@@ -179,6 +179,9 @@ class _Round:
     # Set once Segment answers 429: the rest of the round waits as long,
     # rather than asking again at once.
     held: Outcome | None = field(default=None)
+    # Set once a request must be retried: what is not sent yet goes back
+    # unsent, since it may hold a later message of a user now retrying.
+    halted: bool = False
 
 
 class SegmentSender:
@@ -186,9 +189,10 @@ class SegmentSender:
 
     direction = "vero_to_segment"
     upstream = "segment"
-    # One claim takes everything pending up to this (one item per user), which
-    # fits in one or two requests for ordinary email events.
+    # One claim takes everything pending up to this, each user's due messages
+    # oldest first, which fits in one or two requests for ordinary email events.
     claim_size = 500
+    whole_runs = True
     # Two rounds in flight overlap one's network wait with the other's packing
     # and settling; more would only add pressure on Segment's rate limit.
     concurrency = 2
@@ -239,7 +243,7 @@ class SegmentSender:
     def _deliver(self, batch: list[tuple[int, bytes]], round_: _Round) -> list[tuple[int, Outcome]]:
         """Send one group; when Segment refuses it as a whole, send each half
         on its own, down to single messages."""
-        if round_.stopping.is_set() or time.monotonic() > round_.deadline:
+        if round_.stopping.is_set() or round_.halted or time.monotonic() > round_.deadline:
             return [(index, RELEASE) for index, _ in batch]
         if round_.held is not None:
             return [(index, round_.held) for index, _ in batch]
@@ -251,6 +255,8 @@ class SegmentSender:
         if answer.status == 429:
             round_.held = Outcome(RETRY, "not sent: Segment asked to slow down (429) in this round",
                                   outcome.status, retry_after=outcome.retry_after)
+        elif outcome.kind == RETRY:
+            round_.halted = True
         return [(index, outcome) for index, _ in batch]
 
     def _post(self, messages: list[bytes]) -> Answer:

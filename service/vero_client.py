@@ -46,6 +46,9 @@ class VeroSender:
     direction = "segment_to_vero"
     upstream = "vero"
     claim_size = CLAIM_SIZE
+    # One message per user per claim: its calls go one by one, and the next
+    # message of that user waits until this one is settled.
+    whole_runs = False
 
     def __init__(self, config: Config):
         credential = config.vero_credential

@@ -139,18 +139,25 @@ def vero_attempts(received: list[Received]) -> list[tuple[str, int, str, None]]:
     return attempts
 
 
-def segment_attempts(received: list[Received]) -> list[tuple[str, int, str, str]]:
-    """(user, seq, outcome, messageId) per message in each /batch request."""
-    attempts = []
+def segment_requests(received: list[Received]) -> list[list[tuple[str, int, str, str]]]:
+    """Per /batch request, (user, seq, outcome, messageId) per message in it."""
+    requests = []
     for request in received:
         assert request.path.endswith("/batch")
         assert request.headers["Authorization"] == "Basic " + base64.b64encode(
             f"{WRITE_KEY}:".encode()).decode()
+        attempts = []
         for message in request.json["batch"]:
             _, user, seq = message["properties"]["email_id"].split("|")
             assert message["userId"] == user
             attempts.append((user, int(seq), request.outcome, message["messageId"]))
-    return attempts
+        requests.append(attempts)
+    return requests
+
+
+def segment_attempts(received: list[Received]) -> list[tuple[str, int, str, str]]:
+    """(user, seq, outcome, messageId) per message in each /batch request."""
+    return [attempt for request in segment_requests(received) for attempt in request]
 
 
 def delivered(attempts) -> set[tuple[str, int]]:
@@ -163,16 +170,23 @@ def extra_copies(attempts) -> Counter:
     return Counter({key: count - 1 for key, count in copies.items() if count > 1})
 
 
-def check_order(attempts) -> None:
-    """No call for a user arrived before each of the user's earlier messages
-    had been delivered (sequence numbers are consecutive from the first)."""
+def check_order(requests) -> None:
+    """No message of a user arrived before each of the user's earlier ones had
+    been delivered, or stood before it in the same request (sequence numbers
+    are consecutive from the first). A Segment /batch request is taken whole
+    and in order, so a user's burst may travel together; each Vero call is a
+    request of its own."""
     done: dict[str, set[int]] = defaultdict(set)
-    first = min(seq for _, seq, _, _ in attempts)
-    for user, seq, outcome, _ in attempts:
-        missing = set(range(first, seq)) - done[user]
-        assert not missing, f"{user} #{seq} was sent before #{min(missing)} was delivered"
-        if outcome == TAKEN:
-            done[user].add(seq)
+    first = min(seq for request in requests for _, seq, _, _ in request)
+    for request in requests:
+        ahead: dict[str, set[int]] = defaultdict(set)
+        for user, seq, outcome, _ in request:
+            missing = set(range(first, seq)) - done[user] - ahead[user]
+            assert not missing, f"{user} #{seq} was sent before #{min(missing)} was delivered"
+            ahead[user].add(seq)
+        for user, seq, outcome, _ in request:
+            if outcome == TAKEN:
+                done[user].add(seq)
 
 
 def check_message_ids(attempts) -> None:
@@ -188,10 +202,12 @@ def check_all(vero: Upstream, segment: Upstream, wanted: set, allowed_extra=(0, 
     """Everything wanted delivered, nothing else, in order; returns the extra
     copies per direction, which must not exceed `allowed_extra`."""
     results = []
-    for attempts, allowed in ((vero_attempts(vero.snapshot()), allowed_extra[0]),
-                              (segment_attempts(segment.snapshot()), allowed_extra[1])):
+    vero_requests = [[attempt] for attempt in vero_attempts(vero.snapshot())]
+    for requests, allowed in ((vero_requests, allowed_extra[0]),
+                              (segment_requests(segment.snapshot()), allowed_extra[1])):
+        attempts = [attempt for request in requests for attempt in request]
         assert delivered(attempts) == wanted
-        check_order(attempts)
+        check_order(requests)
         extra = extra_copies(attempts)
         assert sum(extra.values()) <= allowed, f"duplicates beyond the work in flight: {extra}"
         results.append(extra)

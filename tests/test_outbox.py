@@ -75,6 +75,34 @@ def test_claim_respects_the_limit(store):
     assert claim_keys(store, limit=10) == ["m2", "m3", "m4"]
 
 
+def claim_runs(store, now=T0, limit=10):
+    return [item.payload["key"] for item in store.claim(B, limit, 30, now, whole_runs=True)]
+
+
+def test_a_run_claim_takes_each_users_due_items_oldest_first(store):
+    store.enqueue(B, [work("a1", "alice"), work("b1", "bob"), work("a2", "alice"),
+                      work("a3", "alice")], T0)
+    assert claim_runs(store) == ["a1", "b1", "a2", "a3"]
+    store.enqueue(B, [work("a4", "alice"), work("c1", "carol")], T0)
+    # alice's earlier items are out: her new one waits; carol's goes.
+    assert claim_runs(store) == ["c1"]
+
+
+def test_a_run_stops_at_an_item_backing_off(store):
+    store.enqueue(B, [work("a1", "alice"), work("a2", "alice")], T0)
+    first, second = store.claim(B, 10, 30, T0, whole_runs=True)
+    store.settle([settle(first, Outcome(RETRY, "503", "5xx", retry_after=60), T0, LIMITS),
+                  settle(second, RELEASE, T0, LIMITS)], T0)
+    assert claim_runs(store, T0 + 1) == []
+    assert claim_runs(store, T0 + 61) == ["a1", "a2"]
+
+
+def test_the_limit_cuts_a_run_keeping_its_oldest_items(store):
+    store.enqueue(B, [work(f"a{n}", "alice") for n in range(5)] + [work("b1", "bob")], T0)
+    assert claim_runs(store, limit=3) == ["a0", "a1", "a2"]
+    assert claim_runs(store) == ["b1"]
+
+
 def test_claims_are_per_direction(store):
     store.enqueue(A, [work("a")], T0)
     store.enqueue(B, [work("b")], T0)

@@ -19,7 +19,7 @@ import pytest
 
 from service.config import Config
 from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING, StoreError, open_store
-from service.outbox.delivery import FAILED, RETRY, SUCCEEDED, Limits, Outcome, settle
+from service.outbox.delivery import FAILED, RELEASE, RETRY, SUCCEEDED, Limits, Outcome, settle
 from service.outbox.postgres import PostgresStore
 from service.results import Accept
 from tests.conftest import wait_for, with_pg_options
@@ -27,6 +27,7 @@ from tests.conftest import wait_for, with_pg_options
 pytestmark = pytest.mark.postgres
 
 A = "segment_to_vero"
+B = "vero_to_segment"
 LIMITS = Limits(lease_seconds=300, max_attempts=5, max_age_seconds=3600)
 # Long enough that no lease runs out during a test: every claim here is a real one.
 LEASE = 300
@@ -75,6 +76,7 @@ class Ledger:
         self.out: set[str] = set()
         self.claimed: dict[str, list[int]] = defaultdict(list)
         self.overlaps: list[str] = []
+        self.claims = 0
 
     def took(self, item) -> None:
         with self.lock:
@@ -82,6 +84,18 @@ class Ledger:
                 self.overlaps.append(f"{item.order_key} had two items out (item {item.id})")
             self.out.add(item.order_key)
             self.claimed[item.order_key].append(item.id)
+
+    def took_run(self, items) -> None:
+        """A claim may hold several items of one user, but no user may have
+        items out in two claims at once."""
+        with self.lock:
+            self.claims += 1
+            users = {item.order_key for item in items}
+            for user in users & self.out:
+                self.overlaps.append(f"{user} had items out in two claims")
+            self.out |= users
+            for item in items:
+                self.claimed[item.order_key].append(item.id)
 
     def returning(self, item) -> None:
         # Called before the settlement commits: the user's next item can only
@@ -160,6 +174,52 @@ def test_one_users_items_go_out_one_at_a_time_in_order_under_concurrent_settlers
     assert sum(len(set(ids)) for ids in ledger.claimed.values()) == users * per_user
     counts = stores[0].counts(time.time())
     assert counts[(A, DELIVERED)] + counts[(A, DEAD)] == users * per_user
+
+
+def deliver_runs_until_done(store, ledger: Ledger, finished: dict, done: threading.Event):
+    """Like the Segment sender: claim users' runs, and after a retry send
+    nothing more of that user in the round."""
+    while not done.is_set():
+        items = store.claim(B, 20, LEASE, time.time(), whole_runs=True)
+        if not items:
+            if unfinished(store) == 0:
+                done.set()
+            continue
+        ledger.took_run(items)
+        outcomes, halted = [], set()
+        for item in items:
+            if item.order_key in halted:
+                outcomes.append(RELEASE)
+                continue
+            outcome = outcome_for(item)
+            outcomes.append(outcome)
+            if outcome.kind == RETRY:
+                halted.add(item.order_key)
+            else:
+                with ledger.lock:
+                    finished[item.order_key].append(item.id)
+        now = time.time()
+        settlements = [settle(item, outcome, now, LIMITS) for item, outcome in zip(items, outcomes)]
+        for item in items:
+            ledger.returning(item)
+        store.settle(settlements, now)
+
+
+def test_run_claims_from_two_processes_keep_each_users_items_in_order(stores):
+    users, per_user = 12, 10
+    stores[0].enqueue(B, [work(f"{u}-{n}", f"user{u}") for u in range(users)
+                          for n in range(per_user)], time.time())
+    ledger, done, finished = Ledger(), threading.Event(), defaultdict(list)
+
+    run_threads([lambda s=store: deliver_runs_until_done(s, ledger, finished, done)
+                 for store in stores for _ in range(3)])
+
+    assert ledger.overlaps == []
+    for user, ids in finished.items():
+        assert ids == sorted(ids), user
+    assert sum(len(ids) for ids in finished.values()) == users * per_user
+    # Runs were taken: far fewer claims than items.
+    assert ledger.claims < users * per_user / 2
 
 
 def waiting_on_locks(url, application_name) -> int:

@@ -320,6 +320,18 @@ def test_429_with_retry_after_holds_the_rest_of_the_round(httpserver, sender):
     assert len(requests_seen(httpserver)) == 1  # the second request never went
 
 
+def test_a_request_to_retry_ends_the_round_and_the_rest_go_back_unsent(httpserver, sender):
+    """The rest may hold a later message of a user now retrying: sending it
+    would let it overtake the earlier one."""
+    httpserver.expect_ordered_request("/v1/batch", method="POST").respond_with_data("busy", status=503)
+    items = [item(n, sized(n, MAX_MESSAGE_BYTES - 100)) for n in range(20)]  # needs two requests
+    outcomes = send(sender, items)
+    assert len(requests_seen(httpserver)) == 1
+    sent = len(batch_of(requests_seen(httpserver)[0]))
+    assert 0 < sent < 20
+    assert kinds(outcomes) == [RETRY] * sent + [RELEASED] * (20 - sent)
+
+
 def test_a_network_error_is_retried_and_names_no_secret():
     closed = SegmentSender(Config(segment_write_key=WRITE_KEY, segment_api_url="http://127.0.0.1:9/v1"))
     [outcome] = send(closed, [item(1)])

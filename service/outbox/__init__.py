@@ -64,9 +64,14 @@ class Store(Protocol):
     def enqueue(self, direction: str, items: Sequence[Accept], now: float) -> list[bool]:
         """Store new work in one transaction; True where new, False where a duplicate."""
 
-    def claim(self, direction: str, limit: int, lease_seconds: float, now: float) -> list[Item]:
+    def claim(self, direction: str, limit: int, lease_seconds: float, now: float,
+              whole_runs: bool = False) -> list[Item]:
         """Lease up to `limit` due items, at most one per order key: the oldest
-        unfinished one, so that one user's work goes out in order."""
+        unfinished one, so that one user's work goes out in order.
+
+        With `whole_runs`, each user's due items are taken oldest first up to
+        the first one that is not due, for a sender that delivers them in one
+        request, in order (and stops at the first it must retry)."""
 
     def settle(self, settlements: Sequence[Settlement], now: float) -> None:
         """Record outcomes; a settlement whose lease was lost is ignored."""

@@ -48,6 +48,9 @@ class Sender(Protocol):
     upstream: str
     claim_size: int
     concurrency: int
+    # True: claim each user's run of due items (see Store.claim); the sender
+    # must then never deliver an item after one of the same user it retries.
+    whole_runs: bool
 
     def send(self, items: Sequence[Item], stopping: threading.Event) -> list[Outcome]:
         """One outcome per item, in order. Items not attempted because
@@ -112,7 +115,8 @@ class Deliverer:
     def run_once(self, direction: str) -> int:
         """Claim, send and settle one round; returns how many items it handled."""
         sender = self.senders[direction]
-        items = self.store.claim(direction, sender.claim_size, self.limits.lease_seconds, time.time())
+        items = self.store.claim(direction, sender.claim_size, self.limits.lease_seconds, time.time(),
+                                 whole_runs=getattr(sender, "whole_runs", False))
         if not items:
             return 0
         try:

@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 import uuid
+import zlib
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 from urllib.parse import quote
@@ -55,6 +56,8 @@ SCHEMA_VERSION = 1
 # locks in the same database. The one-bigint form used for order keys below is
 # a separate lock space from this two-integer form, so they never collide.
 SCHEMA_LOCK = (0x7665726F, 1)
+# Run claims of one direction take turns on (RUN_CLAIM_LOCK, crc32 of it).
+RUN_CLAIM_LOCK = 0x7665727F
 
 DEFAULT_POOL_SIZE = 16
 DEFAULT_TIMEOUT = 10.0
@@ -130,6 +133,29 @@ WITH chosen AS (
           WHERE p.direction = o.direction AND p.order_key = o.order_key
             AND p.state = 'pending' AND p.id < o.id)
     ORDER BY o.available_at, o.id
+    LIMIT %(limit)s
+    FOR UPDATE OF o SKIP LOCKED)
+UPDATE outbox SET available_at = %(lease_until)s, lease = %(lease)s, attempts = attempts + 1
+FROM chosen WHERE outbox.id = chosen.id
+RETURNING outbox.id, outbox.order_key, outbox.payload, outbox.attempts, outbox.progress,
+          outbox.created_at
+"""
+
+# Each user's run of due items (see CLAIM_RUNS in sqlite.py). Two claimers
+# must not run this at once: the second's snapshot would still see the first's
+# items as due, and take a user's later items while the first sends earlier
+# ones. So run claims of one direction take turns on an advisory lock, taken
+# in a statement before this one: at READ COMMITTED this statement's snapshot
+# then includes the previous claimer's committed leases.
+CLAIM_RUNS = """
+WITH chosen AS (
+    SELECT o.id FROM outbox AS o
+    WHERE o.direction = %(direction)s AND o.state = 'pending' AND o.available_at <= %(now)s
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox AS p
+          WHERE p.direction = o.direction AND p.order_key = o.order_key
+            AND p.state = 'pending' AND p.id < o.id AND p.available_at > %(now)s)
+    ORDER BY o.id
     LIMIT %(limit)s
     FOR UPDATE OF o SKIP LOCKED)
 UPDATE outbox SET available_at = %(lease_until)s, lease = %(lease)s, attempts = attempts + 1
@@ -297,12 +323,18 @@ class PostgresStore:
                     inserted.append(cursor.rowcount == 1)
         return inserted
 
-    def claim(self, direction: str, limit: int, lease_seconds: float, now: float) -> list[Item]:
+    def claim(self, direction: str, limit: int, lease_seconds: float, now: float,
+              whole_runs: bool = False) -> list[Item]:
         lease = uuid.uuid4().hex
         params = {"direction": direction, "now": now, "limit": limit,
                   "lease": lease, "lease_until": now + lease_seconds}
         with self._transaction("written") as conn:
-            rows = conn.execute(CLAIM, params).fetchall()
+            if whole_runs:
+                conn.execute("SELECT pg_advisory_xact_lock(%s, %s)",
+                             (RUN_CLAIM_LOCK, zlib.crc32(direction.encode()) & 0x7FFFFFFF))
+                rows = conn.execute(CLAIM_RUNS, params).fetchall()
+            else:
+                rows = conn.execute(CLAIM, params).fetchall()
         items = [
             Item(id=row[0], direction=direction, order_key=row[1], payload=json.loads(row[2]),
                  attempts=row[3], progress=row[4], created_at=row[5], lease=lease)

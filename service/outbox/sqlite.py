@@ -66,6 +66,23 @@ WHERE id IN (
 RETURNING id, order_key, payload, attempts, progress, created_at
 """
 
+# The same, but taking each user's run of due items: every pending item of the
+# user up to the first one that is not due (leased or backing off). In id
+# order, so that whatever the limit cuts, each user keeps a prefix of the run.
+CLAIM_RUNS = """
+UPDATE outbox SET available_at = :lease_until, lease = :lease, attempts = attempts + 1
+WHERE id IN (
+    SELECT o.id FROM outbox AS o
+    WHERE o.direction = :direction AND o.state = 'pending' AND o.available_at <= :now
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox AS p
+          WHERE p.direction = o.direction AND p.order_key = o.order_key
+            AND p.state = 'pending' AND p.id < o.id AND p.available_at > :now)
+    ORDER BY o.id
+    LIMIT :limit)
+RETURNING id, order_key, payload, attempts, progress, created_at
+"""
+
 
 INSERT = ("INSERT INTO outbox (direction, dedup_key, order_key, payload,"
           " available_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -200,12 +217,15 @@ class SQLiteStore:
                 request.error = error
                 request.done = True
 
-    def claim(self, direction: str, limit: int, lease_seconds: float, now: float) -> list[Item]:
+    def claim(self, direction: str, limit: int, lease_seconds: float, now: float,
+              whole_runs: bool = False) -> list[Item]:
         lease = uuid.uuid4().hex
         params = {"direction": direction, "now": now, "limit": limit,
                   "lease": lease, "lease_until": now + lease_seconds}
+        # Claims are serialised by the write transaction, so no other claimer
+        # can take a user's later item while this one takes the earlier.
         with self._write() as conn:
-            rows = conn.execute(CLAIM, params).fetchall()
+            rows = conn.execute(CLAIM_RUNS if whole_runs else CLAIM, params).fetchall()
         items = [
             Item(id=row[0], direction=direction, order_key=row[1], payload=json.loads(row[2]),
                  attempts=row[3], progress=row[4], created_at=row[5], lease=lease)
