@@ -43,6 +43,10 @@ def record(store: Store, direction: str, results: Sequence[Result], now: float) 
             summary.rejected.append({"index": index, "error": result.error})
             metrics.REJECTED.labels(direction, result.code).inc()
     metrics.RECEIVED.labels(direction).inc(len(results))
-    metrics.ACCEPTED.labels(direction).inc(summary.accepted)
-    metrics.DUPLICATE.labels(direction).inc(summary.duplicate)
+    # Nothing to add is not written: each increment takes a lock and, under
+    # gunicorn, writes to a shared file.
+    if summary.accepted:
+        metrics.ACCEPTED.labels(direction).inc(summary.accepted)
+    if summary.duplicate:
+        metrics.DUPLICATE.labels(direction).inc(summary.duplicate)
     return summary

@@ -18,9 +18,12 @@ MAX_NESTING = 64
 # JSON can escape half of a surrogate pair ("\ud800"), which decodes to text
 # that is not Unicode: it cannot be hashed for de-duplication or sent as UTF-8.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# Text decoded from UTF-8 holds no surrogates, so only such an escape can
+# bring one in.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
-def loads(text: str) -> Any | Reject:
+def loads(text: str, max_nesting: int = MAX_NESTING) -> Any | Reject:
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as error:
@@ -30,7 +33,13 @@ def loads(text: str) -> Any | Reject:
         return Reject(f"body is not valid JSON: {error}", "bad_json")
     except RecursionError:
         return Reject("body is not valid JSON: nested too deeply", "bad_json")
-    return _refuse_unusable(value)
+    # Walking the value costs more than parsing it; an ordinary body can be
+    # cleared from its text: fewer brackets than the limit cannot nest past
+    # it, and no surrogate escape means no lone surrogate.
+    if (text.count("{") + text.count("[") < max_nesting
+            and not _SURROGATE_ESCAPE.search(text)):
+        return value
+    return _refuse_unusable(value, max_nesting)
 
 
 def parse(raw: bytes) -> Any | Reject:
@@ -49,7 +58,7 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-def _refuse_unusable(value: Any) -> Any | Reject:
+def _refuse_unusable(value: Any, max_nesting: int) -> Any | Reject:
     """The value, or a Reject when it nests too deeply or holds a lone
     surrogate. Walks with its own stack, so it cannot hit the recursion limit."""
     pending = [(value, 0)]
@@ -60,8 +69,8 @@ def _refuse_unusable(value: Any) -> Any | Reject:
                 return Reject("body is not valid JSON: a text value is not valid Unicode"
                               " (unpaired surrogate)", "bad_encoding")
         elif isinstance(node, (dict, list)):
-            if depth >= MAX_NESTING:
-                return Reject(f"body is not valid JSON: nested more than {MAX_NESTING} levels deep",
+            if depth >= max_nesting:
+                return Reject(f"body is not valid JSON: nested more than {max_nesting} levels deep",
                               "bad_json")
             children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
             pending.extend((child, depth + 1) for child in children)

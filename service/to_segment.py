@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from marshmallow import ValidationError
 
+from service import jsonbody
 from service.results import Accept, Reject, Result, Skip
 from service.segment_schemas import TrackSchema
 from service.vero_schemas import (
@@ -156,16 +157,9 @@ def _not_json_error(content_type: str | None) -> str:
 
 
 def _parse_json(text: str) -> list[Any] | Reject:
-    try:
-        value = json.loads(text, parse_constant=_refuse_constant)
-    except json.JSONDecodeError as error:
-        return Reject(f"body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}", "bad_json")
-    except ValueError as error:
-        return Reject(f"body is not valid JSON: {error}", "bad_json")
-    except RecursionError:
-        return Reject("body is not valid JSON: nested too deeply", "bad_json")
-    if _depth(value) > MAX_NESTING:
-        return Reject(f"body is not valid JSON: nested more than {MAX_NESTING} levels deep", "bad_json")
+    value = jsonbody.loads(text, max_nesting=MAX_NESTING)
+    if isinstance(value, Reject):
+        return value
     if isinstance(value, dict):
         return [value]
     if isinstance(value, list):
@@ -173,26 +167,6 @@ def _parse_json(text: str) -> list[Any] | Reject:
             return Reject("body is an empty array", "empty_body")
         return value
     return Reject("body must be a JSON object or an array of objects", "not_object")
-
-
-def _depth(value: Any) -> int:
-    """How deeply objects and arrays nest in value (a scalar is 0). Walks
-    with its own stack, so it cannot itself hit the recursion limit."""
-    deepest = 0
-    pending = [(value, 1)]
-    while pending:
-        node, level = pending.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, level)
-        pending.extend((child, level + 1) for child in children)
-    return deepest
-
-
-def _refuse_constant(name: str) -> Any:
-    # Python's json accepts NaN and Infinity; JSON (and Segment) does not.
-    raise ValueError(f"{name} is not a JSON value")
 
 
 # ---------------------------------------------------------------------------
