@@ -79,6 +79,7 @@ class Run:
             "VERO_WEBHOOK_TOKEN": WEBHOOK_TOKEN,
             "DATABASE_URL": f"sqlite:///{db}",
             "DELIVERY_IN_WEB": "true" if delivery else "false",
+            "WEB_CONCURRENCY": str(self.workers),
         }
 
     def service(self, where: Path, db: Path, delivery: bool, **urls: str) -> Gunicorn:
