@@ -19,7 +19,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 from typing import Sequence
 
 import requests
@@ -30,6 +29,7 @@ from service.config import Config
 from service.outbox import Item
 from service.outbox.delivery import FAILED, RELEASE, RETRY, SUCCEEDED, Outcome
 from service.to_segment import MAX_MESSAGE_BYTES, encode_message
+from service.upstream import retry_after_seconds, retryable, status_class
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,6 @@ MAX_REASON_CHARS = 500
 # message at fault. Segment answers 400 for an invalid or oversized payload; a
 # proxy in front of it may answer 413 for the size.
 SPLIT_STATUSES = frozenset({400, 413})
-# 5xx that say the request itself will never work (not implemented, HTTP
-# version not supported), so retrying cannot help.
-PERMANENT_5XX = frozenset({501, 505})
 
 _REDACTED = "[redacted]"
 
@@ -119,31 +116,6 @@ class Answer:
     status: int | None = None  # None when no answer came
 
 
-def status_class(status: int) -> str:
-    return f"{status // 100}xx"
-
-
-def retry_after_seconds(value: str | None, now: float) -> float | None:
-    """`Retry-After` as seconds from now: either a number of seconds or an
-    HTTP date. None when absent or unreadable (normal backoff then applies)."""
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            moment = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if moment.tzinfo is None:  # HTTP dates are GMT
-            moment = moment.replace(tzinfo=timezone.utc)
-        seconds = moment.timestamp() - now
-    if seconds != seconds:  # NaN
-        return None
-    return max(seconds, 0.0)
-
-
 def classify(status: int, reason: str, retry_after: str | None, now: float) -> Answer:
     """Segment's answer to one request, as the outcome of each message in it.
 
@@ -156,7 +128,7 @@ def classify(status: int, reason: str, retry_after: str | None, now: float) -> A
     if 200 <= status < 300:
         return Answer(Outcome(SUCCEEDED, status=klass), status=status)
     error = f"Segment answered {status}" + (f": {reason}" if reason else "")
-    if status in (408, 429) or (500 <= status < 600 and status not in PERMANENT_5XX):
+    if retryable(status):
         wait = retry_after_seconds(retry_after, now)
         return Answer(Outcome(RETRY, error, klass, retry_after=wait), status=status)
     if status in SPLIT_STATUSES:

@@ -15,10 +15,8 @@ What an answer means (SERVICE.md, "Delivery"):
 """
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
-import math
 import threading
 import time
 from typing import Any, Sequence
@@ -30,6 +28,7 @@ from requests.adapters import HTTPAdapter
 from service.config import Config
 from service.outbox import Item
 from service.outbox.delivery import FAILED, RELEASE, RELEASED, RETRY, SUCCEEDED, Outcome
+from service.upstream import retry_after_seconds, retryable, status_class
 from service.version import NAME, VERSION
 
 log = logging.getLogger(__name__)
@@ -180,35 +179,6 @@ def _is_call(call: Any) -> bool:
     return (isinstance(call, dict) and isinstance(call.get("method"), str)
             and isinstance(call.get("path"), str) and call["path"].startswith("/")
             and isinstance(call.get("body"), dict))
-
-
-def retryable(status: int) -> bool:
-    return status in (408, 429) or (500 <= status < 600 and status not in (501, 505))
-
-
-def status_class(status: int) -> str:
-    return f"{status // 100}xx"
-
-
-def retry_after_seconds(header: str | None, now: float | None = None) -> float | None:
-    """Retry-After as seconds from now: a number of seconds or an HTTP date.
-    None when absent or unreadable (the outbox's own backoff applies then)."""
-    if header is None or not header.strip():
-        return None
-    value = header.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:  # an HTTP date is always GMT
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if not math.isfinite(seconds):
-        return None
-    return max(seconds, 0.0)
 
 
 def _shorten(text: str) -> str:
