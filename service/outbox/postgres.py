@@ -124,15 +124,26 @@ CREATE TABLE IF NOT EXISTS outbox_probe (
 # - Rows only become pending behind a user's queue, never ahead of it: see
 #   `_lock_order_keys`. (Replaying dead work is the exception, as in SQLite:
 #   the operator asked for it to go again.)
-CLAIM = """
+#
+# Run claims (whole_runs: each user's run of due items, as in sqlite.py) differ
+# in one way that matters here: two of them must not run at once, or the
+# second's snapshot would still see the first's items as due and take a user's
+# later items while the first sends the earlier ones. So run claims of one
+# direction take turns on an advisory lock, taken in a statement before the
+# claim: at READ COMMITTED the claim's snapshot then includes the previous
+# claimer's committed leases.
+def _claim(whole_runs: bool) -> str:
+    ahead = "AND p.available_at > %(now)s" if whole_runs else ""
+    order = "o.id" if whole_runs else "o.available_at, o.id"
+    return f"""
 WITH chosen AS (
     SELECT o.id FROM outbox AS o
     WHERE o.direction = %(direction)s AND o.state = 'pending' AND o.available_at <= %(now)s
       AND NOT EXISTS (
           SELECT 1 FROM outbox AS p
           WHERE p.direction = o.direction AND p.order_key = o.order_key
-            AND p.state = 'pending' AND p.id < o.id)
-    ORDER BY o.available_at, o.id
+            AND p.state = 'pending' AND p.id < o.id {ahead})
+    ORDER BY {order}
     LIMIT %(limit)s
     FOR UPDATE OF o SKIP LOCKED)
 UPDATE outbox SET available_at = %(lease_until)s, lease = %(lease)s, attempts = attempts + 1
@@ -141,28 +152,8 @@ RETURNING outbox.id, outbox.order_key, outbox.payload, outbox.attempts, outbox.p
           outbox.created_at
 """
 
-# Each user's run of due items (see CLAIM_RUNS in sqlite.py). Two claimers
-# must not run this at once: the second's snapshot would still see the first's
-# items as due, and take a user's later items while the first sends earlier
-# ones. So run claims of one direction take turns on an advisory lock, taken
-# in a statement before this one: at READ COMMITTED this statement's snapshot
-# then includes the previous claimer's committed leases.
-CLAIM_RUNS = """
-WITH chosen AS (
-    SELECT o.id FROM outbox AS o
-    WHERE o.direction = %(direction)s AND o.state = 'pending' AND o.available_at <= %(now)s
-      AND NOT EXISTS (
-          SELECT 1 FROM outbox AS p
-          WHERE p.direction = o.direction AND p.order_key = o.order_key
-            AND p.state = 'pending' AND p.id < o.id AND p.available_at > %(now)s)
-    ORDER BY o.id
-    LIMIT %(limit)s
-    FOR UPDATE OF o SKIP LOCKED)
-UPDATE outbox SET available_at = %(lease_until)s, lease = %(lease)s, attempts = attempts + 1
-FROM chosen WHERE outbox.id = chosen.id
-RETURNING outbox.id, outbox.order_key, outbox.payload, outbox.attempts, outbox.progress,
-          outbox.created_at
-"""
+
+CLAIM, CLAIM_RUNS = _claim(False), _claim(True)
 
 INSERT = """
 INSERT INTO outbox (direction, dedup_key, order_key, payload, available_at, created_at, updated_at)

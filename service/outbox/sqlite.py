@@ -55,9 +55,16 @@ CREATE INDEX IF NOT EXISTS outbox_finished ON outbox (state, updated_at)
 CREATE TABLE IF NOT EXISTS outbox_probe (id INTEGER PRIMARY KEY, checked_at REAL NOT NULL);
 """
 
-# A pending item is claimable when it is due (a lease is an `available_at` in
-# the future) and no older pending item of the same user is ahead of it.
-CLAIM = """
+
+def _claim(whole_runs: bool) -> str:
+    """A pending item is claimable when it is due (a lease is an `available_at`
+    in the future) and no older pending item of the same user is ahead of it.
+    With whole_runs, only an older item that is not due stops it: each user's
+    run of due items is taken, in id order, so that whatever the limit cuts,
+    each user keeps a prefix of the run."""
+    ahead = "AND p.available_at > :now" if whole_runs else ""
+    order = "o.id" if whole_runs else "o.available_at, o.id"
+    return f"""
 UPDATE outbox SET available_at = :lease_until, lease = :lease, attempts = attempts + 1
 WHERE id IN (
     SELECT o.id FROM outbox AS o
@@ -65,28 +72,14 @@ WHERE id IN (
       AND NOT EXISTS (
           SELECT 1 FROM outbox AS p
           WHERE p.direction = o.direction AND p.order_key = o.order_key
-            AND p.state = 'pending' AND p.id < o.id)
-    ORDER BY o.available_at, o.id
+            AND p.state = 'pending' AND p.id < o.id {ahead})
+    ORDER BY {order}
     LIMIT :limit)
 RETURNING id, order_key, payload, attempts, progress, created_at
 """
 
-# The same, but taking each user's run of due items: every pending item of the
-# user up to the first one that is not due (leased or backing off). In id
-# order, so that whatever the limit cuts, each user keeps a prefix of the run.
-CLAIM_RUNS = """
-UPDATE outbox SET available_at = :lease_until, lease = :lease, attempts = attempts + 1
-WHERE id IN (
-    SELECT o.id FROM outbox AS o
-    WHERE o.direction = :direction AND o.state = 'pending' AND o.available_at <= :now
-      AND NOT EXISTS (
-          SELECT 1 FROM outbox AS p
-          WHERE p.direction = o.direction AND p.order_key = o.order_key
-            AND p.state = 'pending' AND p.id < o.id AND p.available_at > :now)
-    ORDER BY o.id
-    LIMIT :limit)
-RETURNING id, order_key, payload, attempts, progress, created_at
-"""
+
+CLAIM, CLAIM_RUNS = _claim(False), _claim(True)
 
 
 INSERT = ("INSERT INTO outbox (direction, dedup_key, order_key, payload,"
