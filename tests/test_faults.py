@@ -202,12 +202,12 @@ def check_all(vero: Upstream, segment: Upstream, wanted: set, allowed_extra=(0, 
     """Everything wanted delivered, nothing else, in order; returns the extra
     copies per direction, which must not exceed `allowed_extra`."""
     results = []
-    vero_requests = [[attempt] for attempt in vero_attempts(vero.snapshot())]
-    for requests, allowed in ((vero_requests, allowed_extra[0]),
-                              (segment_requests(segment.snapshot()), allowed_extra[1])):
-        attempts = [attempt for request in requests for attempt in request]
+    vero_units = [[attempt] for attempt in vero_attempts(vero.snapshot())]
+    for units, allowed in ((vero_units, allowed_extra[0]),
+                           (segment_requests(segment.snapshot()), allowed_extra[1])):
+        attempts = [attempt for unit in units for attempt in unit]
         assert delivered(attempts) == wanted
-        check_order(requests)
+        check_order(units)
         extra = extra_copies(attempts)
         assert sum(extra.values()) <= allowed, f"duplicates beyond the work in flight: {extra}"
         results.append(extra)
@@ -317,11 +317,17 @@ def running(service: Service):
 # (a) upstreams failing a share of calls
 
 
+FAILURES = [Reply(503), Reply(500), Reply(429, {"Retry-After": "1"}), CONNECTION_RESET]
+
+
 def every_third_call_fails(number: int, request) -> Reply:
+    # The first calls fail once in each way, so that every kind happens even
+    # where batching leaves an upstream only a few calls; then one in three.
+    if number <= len(FAILURES):  # numbers start at 1
+        return FAILURES[number - 1]
     if number % 3:
         return OK
-    failures = [Reply(503), Reply(500), Reply(429, {"Retry-After": "1"}), CONNECTION_RESET]
-    return failures[(number // 3) % len(failures)]
+    return FAILURES[(number // 3) % len(FAILURES)]
 
 
 def test_nothing_is_lost_when_upstreams_fail_a_share_of_calls(store_url, upstreams, tmp_path):

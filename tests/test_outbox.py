@@ -7,8 +7,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-
 from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING
 from service.outbox.delivery import (
     FAILED,
