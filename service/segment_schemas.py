@@ -241,15 +241,15 @@ def validate_message(data: Any) -> dict[str, list[str]]:
     schema_class = SCHEMAS.get(kind) if isinstance(kind, str) else None
     if schema_class is None:
         return {"type": ["unsupported message type"]}
-    return _flatten(_instance(schema_class).validate(data))
+    return _flatten(instance_of(schema_class).validate(data))
 
 
 @functools.cache
-def _instance(schema_class: type[Schema]) -> Schema:
+def instance_of(schema_class: type[Schema]) -> Schema:
     """One shared instance per schema class. Making an instance deep-copies
     its declared fields, which cost more than validating the message did
-    (about half of direction A's CPU in a profile); validate keeps no state
-    on the instance, so request threads can share it."""
+    (about half of direction A's CPU in a profile); load, dump and validate
+    keep no state on the instance, so request threads can share it."""
     return schema_class()
 
 

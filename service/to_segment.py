@@ -17,7 +17,7 @@ from marshmallow import ValidationError
 
 from service import jsonbody
 from service.results import Accept, Reject, Result, Skip
-from service.segment_schemas import TrackSchema
+from service.segment_schemas import TrackSchema, instance_of
 from service.vero_schemas import (
     EMAIL_EVENT_TYPES,
     SCHEMAS,
@@ -203,7 +203,7 @@ def map_webhook(
         return Skip("not_forwarded")
 
     try:
-        webhook = SCHEMAS[event_type]().load(payload)
+        webhook = instance_of(SCHEMAS[event_type]).load(payload)
     except ValidationError as error:
         return Reject(describe_errors(error.messages), "invalid_field")
 
@@ -220,7 +220,7 @@ def map_webhook(
     )
     # Cannot fail for the webhooks checked above; kept so that a future
     # change to the mapping or the schema is refused here, not by Segment.
-    problems = TrackSchema().validate(message)
+    problems = instance_of(TrackSchema).validate(message)
     if problems:
         return Reject(f"the Segment message would be invalid: {describe_errors(problems)}", "invalid_message")
 
@@ -266,7 +266,7 @@ def build_message(
     draft["messageId"] = message_id(webhook, event_type)
     draft["properties"] = _properties(webhook, event_type)
     draft["context"] = _context(webhook, email, library)
-    return TrackSchema().dump(draft)
+    return instance_of(TrackSchema).dump(draft)
 
 
 def message_id(webhook: dict[str, Any], event_type: str) -> str:

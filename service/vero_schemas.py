@@ -18,6 +18,8 @@ from typing import Any
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, pre_load
 
+from service.segment_schemas import instance_of
+
 # Vero's event types (API-FACTS.md). The first ten describe an email and can
 # be forwarded; the two user events only describe a profile change.
 EMAIL_EVENT_TYPES = (
@@ -252,7 +254,7 @@ def time_field(event_type: str) -> str:
 
 def load_event_type(payload: Any) -> str:
     """The payload's event type, lower-cased. Raises ValidationError."""
-    return EventTypeSchema().load(payload)["type"]
+    return instance_of(EventTypeSchema).load(payload)["type"]
 
 
 def load_webhook(payload: Any) -> dict[str, Any]:
@@ -262,7 +264,7 @@ def load_webhook(payload: Any) -> dict[str, Any]:
     schema = SCHEMAS.get(event_type)
     if schema is None:
         raise ValidationError({"type": [f"unknown Vero event type {event_type!r}"]})
-    return schema().load(payload)
+    return instance_of(schema).load(payload)
 
 
 def describe_errors(messages: Any) -> str:
