@@ -8,6 +8,7 @@ package knows which one it talks to.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -34,6 +35,16 @@ class Item:
     progress: int  # how many of the item's calls are already delivered
     created_at: float
     lease: str  # proves the claim is still ours when settling
+
+
+def claimed_items(rows, direction: str, lease: str) -> list[Item]:
+    """A claim's rows (id, order_key, payload JSON, attempts, progress,
+    created_at) as Items, oldest first: the order a user's work must go in."""
+    items = [Item(id=row[0], direction=direction, order_key=row[1], payload=json.loads(row[2]),
+                  attempts=row[3], progress=row[4], created_at=row[5], lease=lease)
+             for row in rows]
+    items.sort(key=lambda item: item.id)
+    return items
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from service.outbox import (
     Item,
     Settlement,
     StoreError,
+    claimed_items,
 )
 from service.results import Accept
 
@@ -326,13 +327,7 @@ class PostgresStore:
                 rows = conn.execute(CLAIM_RUNS, params).fetchall()
             else:
                 rows = conn.execute(CLAIM, params).fetchall()
-        items = [
-            Item(id=row[0], direction=direction, order_key=row[1], payload=json.loads(row[2]),
-                 attempts=row[3], progress=row[4], created_at=row[5], lease=lease)
-            for row in rows
-        ]
-        items.sort(key=lambda item: item.id)
-        return items
+        return claimed_items(rows, direction, lease)
 
     def settle(self, settlements: Sequence[Settlement], now: float) -> None:
         if not settlements:

@@ -24,6 +24,7 @@ from service.outbox import (
     Item,
     Settlement,
     StoreError,
+    claimed_items,
 )
 from service.results import Accept
 
@@ -261,13 +262,7 @@ class SQLiteStore:
         # can take a user's later item while this one takes the earlier.
         with self._write() as conn:
             rows = conn.execute(CLAIM_RUNS if whole_runs else CLAIM, params).fetchall()
-        items = [
-            Item(id=row[0], direction=direction, order_key=row[1], payload=json.loads(row[2]),
-                 attempts=row[3], progress=row[4], created_at=row[5], lease=lease)
-            for row in rows
-        ]
-        items.sort(key=lambda item: item.id)
-        return items
+        return claimed_items(rows, direction, lease)
 
     def settle(self, settlements: Sequence[Settlement], now: float) -> None:
         if not settlements:
