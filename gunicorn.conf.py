@@ -74,16 +74,18 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    bridge = worker.wsgi.extensions["vero_bridge"]
-    if not bridge.config.delivery_in_web:
+    from service.runtime import get_runtime
+
+    runtime = get_runtime(worker.wsgi)
+    if not runtime.config.delivery_in_web:
         return
-    bridge.start_delivery()
+    runtime.start_delivery()
     # gunicorn's own SIGTERM handler only ends the request loop; stop claiming
     # new work at the same moment so the drain fits in graceful_timeout.
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):
-        bridge.deliverer.stopping.set()
+        runtime.deliverer.stopping.set()
         if callable(previous):
             previous(signum, frame)
 
@@ -91,9 +93,11 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
+    from service.runtime import get_runtime
+
     wsgi = getattr(worker, "wsgi", None)
     if wsgi is not None:
-        wsgi.extensions["vero_bridge"].stop_delivery(timeout=20)
+        get_runtime(wsgi).stop_delivery(timeout=20)
 
 
 def child_exit(server, worker):

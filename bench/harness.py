@@ -283,7 +283,7 @@ def deliver_from_full_outbox(run: Run, direction: str, name: str, phase: str, re
 def deliver_a(run: Run) -> None:
     standin, measured = deliver_from_full_outbox(run, A, "deliver-a", "da", VERO_REPLY, "vero")
     from service.config import Config
-    from service.vero_client import VeroSender
+    from service.segment_to_vero.sender import VeroSender
 
     threads = run.workers * VeroSender(Config(vero_auth_token="x")).concurrency
     calls = standin.captured()
@@ -315,7 +315,7 @@ def ingest_b(run: Run) -> None:
 def deliver_b(run: Run) -> None:
     standin, measured = deliver_from_full_outbox(run, B, "deliver-b", "db", SEGMENT_REPLY, "segment")
     from service.config import Config
-    from service.segment_client import SegmentSender
+    from service.vero_to_segment.sender import SegmentSender
 
     threads = run.workers * SegmentSender(Config(segment_write_key="x")).concurrency
     singles = [["POST", "/v1/track", json.dumps(message)]

@@ -1,4 +1,4 @@
-"""What both directions' edges share: reaching the runtime and shaping answers."""
+"""What both directions' edges share: refusing requests and shaping answers."""
 from __future__ import annotations
 
 import hmac
@@ -6,17 +6,13 @@ import logging
 from dataclasses import asdict
 from typing import Sequence
 
-from flask import current_app, jsonify
+from flask import jsonify
 
 from service import metrics
-from service.bridge import Bridge
+from service.runtime import get_runtime
 from service.results import Reject, Result
 
 log = logging.getLogger("vero_bridge.intake")
-
-
-def bridge() -> Bridge:
-    return current_app.extensions["vero_bridge"]
 
 
 def error(status: int, message: str):
@@ -42,6 +38,6 @@ def answer(direction: str, results: Sequence[Result], single: bool):
         log.debug("mapped", extra={"direction": direction,
                                    "results": [{type(r).__name__: asdict(r)} for r in results]})
     if single and isinstance(results[0], Reject):
-        bridge().accept(direction, results)  # counted, nothing stored
+        get_runtime().accept(direction, results)  # counted, nothing stored
         return error(400, results[0].error)
-    return jsonify(bridge().accept(direction, results).as_json()), 200
+    return jsonify(get_runtime().accept(direction, results).as_json()), 200

@@ -5,9 +5,9 @@ import time
 
 from flask import Blueprint, Response, jsonify
 
-from blueprints.common import bridge
 from service import metrics
 from service.outbox import StoreError
+from service.runtime import get_runtime
 
 bp = Blueprint("ops", __name__)
 
@@ -20,7 +20,7 @@ def healthz():
 @bp.get("/readyz")
 def readyz():
     try:
-        bridge().store.check(time.time())
+        get_runtime().store.check(time.time())
     except StoreError as exc:
         return jsonify(status="unavailable", reason=str(exc)), 503
     return jsonify(status="ready")
@@ -28,4 +28,4 @@ def readyz():
 
 @bp.get("/metrics")
 def prometheus():
-    return Response(metrics.exposition(bridge().store), content_type=metrics.CONTENT_TYPE)
+    return Response(metrics.exposition(get_runtime().store), content_type=metrics.CONTENT_TYPE)

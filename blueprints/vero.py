@@ -2,24 +2,35 @@
 Segment track call, queued for batched delivery."""
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
+from urllib.parse import parse_qsl, unquote_plus
 
 from flask import Blueprint, request
 
-from blueprints.common import answer, bridge, refuse, secret_matches
-from service import version
-from service.bridge import VERO_TO_SEGMENT
+from blueprints.common import answer, refuse, secret_matches
+from service import jsonbody, version
+from service.directions import VERO_TO_SEGMENT
 from service.results import Reject
-from service.to_segment import event_names_with, map_webhook, parse_body
+from service.runtime import get_runtime
+from service.vero_to_segment.mapping import event_names_with, map_webhook
 
 bp = Blueprint("vero", __name__)
 
 LIBRARY = {"name": version.NAME, "version": version.VERSION}
 
+_JSON_STARTS = ("{", "[")
+
+# Vero payloads are three levels deep. A cap far above that keeps a hostile
+# body from reaching Python's recursion limit later, when the message is
+# encoded or stored, where it would be an error instead of a 400.
+MAX_NESTING = 32
+
 
 @bp.post("/vero/webhooks/<token>")
 def webhook(token: str):
-    config = bridge().config
+    config = get_runtime().config
     if not config.segment_enabled:
         return refuse(VERO_TO_SEGMENT, 503, "not_configured", "not configured: set SEGMENT_WRITE_KEY")
     if not config.vero_webhook_token:
@@ -39,3 +50,84 @@ def webhook(token: str):
                for item in items]
     return answer(VERO_TO_SEGMENT, results, single and len(results) == 1)
 
+
+# ---------------------------------------------------------------------------
+# The request body
+
+
+def parse_body(raw: bytes, content_type: str | None) -> list[Any] | Reject:
+    """The webhooks in a request body: one JSON object, or a JSON array of them.
+
+    Some senders and proxies URL-encode the body. The body's shape decides,
+    not the Content-Type header (a proxy that re-encodes a body rarely fixes
+    the header):
+    - text starting with `{` or `[` is JSON as it stands;
+    - otherwise, if percent-decoding the whole body (form rules: `+` is a
+      space) gives text starting with `{` or `[`, that is the JSON;
+    - otherwise the body is read as form fields, and the one field whose
+      value is JSON is used (any field name; several such fields are refused
+      as ambiguous).
+    Elements of an array are returned as they are; `map_webhook` rejects the
+    ones that are not objects, so that one bad element does not cost the rest.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return Reject(f"body is not valid UTF-8 (byte {error.start})", "bad_encoding")
+    # A byte-order mark is not JSON, but some Windows tools add one.
+    text = text.removeprefix("\ufeff").strip()
+    if not text:
+        return Reject("body is empty", "empty_body")
+    if not text.startswith(_JSON_STARTS):
+        decoded = _url_decoded_json(text, content_type)
+        if isinstance(decoded, Reject):
+            return decoded
+        text = decoded
+    return _parse_json(text)
+
+
+def _url_decoded_json(text: str, content_type: str | None) -> str | Reject:
+    try:
+        whole = unquote_plus(text, errors="strict").strip()
+        if whole.startswith(_JSON_STARTS):
+            return whole
+        form = parse_qsl(text, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        return Reject("URL-encoded body is not valid UTF-8", "bad_encoding")
+    except ValueError as error:
+        return Reject(f"body is not JSON and not a valid form: {error}", "bad_json")
+    holding_json = [value.strip() for _, value in form if value.strip().startswith(_JSON_STARTS)]
+    if len(holding_json) == 1:
+        return holding_json[0]
+    if len(holding_json) > 1:
+        return Reject("form body has several fields holding JSON; expected one", "bad_json")
+    if _is_json(text):
+        return text  # a JSON scalar: let the JSON reader say it is not an object
+    return Reject(_not_json_error(content_type), "bad_json")
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _not_json_error(content_type: str | None) -> str:
+    if content_type and content_type.split(";")[0].strip().lower() == "multipart/form-data":
+        return "multipart bodies are not supported; send the webhook as JSON"
+    return "body is not JSON: expected a JSON object or array (plain or URL-encoded)"
+
+
+def _parse_json(text: str) -> list[Any] | Reject:
+    value = jsonbody.loads(text, max_nesting=MAX_NESTING)
+    if isinstance(value, Reject):
+        return value
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list):
+        if not value:
+            return Reject("body is an empty array", "empty_body")
+        return value
+    return Reject("body must be a JSON object or an array of objects", "not_object")

@@ -11,11 +11,11 @@ from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from service import logs
-from service.bridge import Bridge
+from service.runtime import Runtime, default_senders
 from service.config import Config, load_or_exit
 from service.outbox import StoreError, open_store
 from service.outbox.delivery import Sender
-from service.to_segment import ignored_overrides
+from service.vero_to_segment.mapping import ignored_overrides
 
 log = logging.getLogger("vero_bridge")
 access_log = logging.getLogger("vero_bridge.access")
@@ -36,10 +36,8 @@ def create_app(config: Config | None = None, senders: list[Sender] | None = None
         app.instance_path, "vero-bridge.db")
     store = open_store(database_url, pool_size=config.outbox_pool_size)
     if senders is None:
-        from service.senders import default_senders
-
         senders = default_senders(config)
-    app.extensions["vero_bridge"] = Bridge(config, store, senders)
+    Runtime(config, store, senders).init_app(app)
 
     _install_request_hooks(app)
     _install_error_handlers(app)

@@ -6,18 +6,14 @@ import signal
 import time
 
 import click
-from flask import current_app
 from flask.cli import with_appcontext
 
-from service.metrics import DIRECTIONS
+from service.directions import DIRECTIONS
 from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING
+from service.runtime import get_runtime
 
 direction_option = click.option("--direction", type=click.Choice(DIRECTIONS), default=None,
                                  help="Only this direction.")
-
-
-def _bridge():
-    return current_app.extensions["vero_bridge"]
 
 
 @click.group(help="Inspect and operate the durable outbox.")
@@ -29,7 +25,7 @@ def outbox():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @with_appcontext
 def status(as_json: bool):
-    store = _bridge().store
+    store = get_runtime().store
     now = time.time()
     counts, oldest = store.counts(now), store.oldest_pending()
     rows = []
@@ -61,7 +57,7 @@ def status(as_json: bool):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines, with payloads.")
 @with_appcontext
 def dead(direction: str | None, limit: int, as_json: bool):
-    items = _bridge().store.dead(direction, limit)
+    items = get_runtime().store.dead(direction, limit)
     for item in items:
         if as_json:
             click.echo(json.dumps({"id": item.id, "direction": item.direction,
@@ -82,7 +78,7 @@ def dead(direction: str | None, limit: int, as_json: bool):
 def replay(ids: tuple[int, ...], everything: bool, direction: str | None):
     if not ids and not everything:
         raise click.UsageError("name the ids to replay, or pass --all")
-    count = _bridge().store.replay(None if everything else list(ids), direction, time.time())
+    count = get_runtime().store.replay(None if everything else list(ids), direction, time.time())
     click.echo(f"replayed {count}")
 
 
@@ -90,8 +86,8 @@ def replay(ids: tuple[int, ...], everything: bool, direction: str | None):
 @click.option("--once", is_flag=True, help="Deliver what is due now, then exit.")
 @with_appcontext
 def deliver(once: bool):
-    bridge = _bridge()
-    deliverer = bridge.deliverer
+    runtime = get_runtime()
+    deliverer = runtime.deliverer
     if not deliverer.senders:
         raise click.ClickException("no direction is configured: nothing to deliver")
     if once:
@@ -104,9 +100,9 @@ def deliver(once: bool):
     stop = lambda *_: deliverer.stopping.set()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    bridge.start_delivery()
+    runtime.start_delivery()
     deliverer.stopping.wait()
-    bridge.stop_delivery()
+    runtime.stop_delivery()
 
 
 @outbox.command(help="Delete delivered work older than the retention time.")
@@ -114,9 +110,9 @@ def deliver(once: bool):
               help="Instead of OUTBOX_RETENTION_HOURS.")
 @with_appcontext
 def purge(older_than_hours: float | None):
-    bridge = _bridge()
+    runtime = get_runtime()
     if older_than_hours is None:
-        count = bridge.purge()
+        count = runtime.purge()
     else:
-        count = bridge.store.purge(time.time() - older_than_hours * 3600)
+        count = runtime.store.purge(time.time() - older_than_hours * 3600)
     click.echo(f"purged {count}")

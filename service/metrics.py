@@ -21,13 +21,13 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from service.directions import DIRECTIONS
 from service.outbox import DEAD, IN_FLIGHT, PENDING, Store, StoreError
 
 # The *_created series double the output and nobody graphs them.
 disable_created_metrics()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-DIRECTIONS = ("segment_to_vero", "vero_to_segment")
 
 RECEIVED = Counter("vero_bridge_messages_received", "Messages received", ["direction"])
 ACCEPTED = Counter("vero_bridge_messages_accepted", "Messages written to the outbox", ["direction"])

@@ -10,6 +10,7 @@ import pytest
 from service.app import create_app
 from service.config import Config
 from service.outbox import open_store
+from service.runtime import get_runtime
 
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -101,8 +102,8 @@ def make_app(sqlite_url):
 
     yield make
     for app in apps:
-        app.extensions["vero_bridge"].stop_delivery(timeout=5)
-        app.extensions["vero_bridge"].store.close()
+        get_runtime(app).stop_delivery(timeout=5)
+        get_runtime(app).store.close()
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):

@@ -19,10 +19,11 @@ from hypothesis import strategies as st
 
 from service.outbox import DELIVERED, Settlement
 from service.results import Accept, Reject, Skip
-from service.segment_schemas import TrackSchema
-from service.to_segment import MAX_MESSAGE_BYTES, encode_message, event_names_with, map_webhook
-from service.to_vero import map_message
+from service.messages import TrackSchema
+from service.vero_to_segment.mapping import MAX_MESSAGE_BYTES, encode_message, event_names_with, map_webhook
+from service.segment_to_vero.mapping import map_message
 from tests.support import sign
+from service.runtime import get_runtime
 
 SHARED_SECRET = "bad-input-shared-secret"
 WEBHOOK_TOKEN = "bad-input-webhook-token"
@@ -217,7 +218,7 @@ def assert_valid_segment_work(payload: dict) -> None:
 
 
 def check_answer(app, direction: str, answer, check_payload) -> None:
-    store = app.extensions["vero_bridge"].store
+    store = get_runtime(app).store
     assert answer.status_code in ALLOWED, (answer.status_code, answer.get_data()[:300])
     assert answer.is_json
     stored = drain(store, direction)

@@ -5,6 +5,7 @@ import time
 from service.outbox.delivery import FAILED, Outcome, settle, Limits
 from service.results import Accept
 from tests.test_outbox import ScriptedSender
+from service.runtime import get_runtime
 
 A = "segment_to_vero"
 
@@ -16,7 +17,7 @@ def run(app, *args):
 
 def seed(app, failing=("m2",)):
     """Three messages: m1 delivered, m2 dead, m3 waiting."""
-    store = app.extensions["vero_bridge"].store
+    store = get_runtime(app).store
     now = time.time()
     store.enqueue(A, [Accept("m1", "u1", {"key": "m1"}), Accept("m2", "u2", {"key": "m2"})], now - 60)
     items = store.claim(A, 10, 30, now)

@@ -5,6 +5,7 @@ import time
 
 from service.outbox import open_store
 from service.results import Accept
+from service.runtime import get_runtime
 
 
 def test_healthz_answers_while_the_process_serves(make_app):
@@ -32,7 +33,7 @@ def test_readyz_turns_503_when_a_working_store_breaks(make_app, tmp_path):
     app = make_app({"DATABASE_URL": f"sqlite:///{path}"})
     client = app.test_client()
     assert client.get("/readyz").status_code == 200
-    app.extensions["vero_bridge"].store.close()
+    get_runtime(app).store.close()
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(f"{path}{suffix}"):
             os.remove(f"{path}{suffix}")
@@ -114,7 +115,7 @@ def test_metrics_count_accepted_messages_and_deliveries(make_app):
     from tests.test_outbox import ScriptedSender
 
     app = make_app(senders=[ScriptedSender()])
-    bridge = app.extensions["vero_bridge"]
+    runtime = get_runtime(app)
     client = app.test_client()
 
     def scrape(name, **labels):
@@ -124,9 +125,9 @@ def test_metrics_count_accepted_messages_and_deliveries(make_app):
     duplicate = scrape("vero_bridge_messages_duplicate_total", direction="segment_to_vero")
     delivered = scrape("vero_bridge_deliveries_total", upstream="vero", result="succeeded",
                        status_class="2xx")
-    bridge.accept("segment_to_vero", [Accept("m1", "u1", {"key": "m1"}),
+    runtime.accept("segment_to_vero", [Accept("m1", "u1", {"key": "m1"}),
                                       Accept("m1", "u1", {"key": "m1"})])
-    assert bridge.deliverer.run_once("segment_to_vero") == 1
+    assert runtime.deliverer.run_once("segment_to_vero") == 1
     assert scrape("vero_bridge_messages_accepted_total", direction="segment_to_vero") == accepted + 1
     assert scrape("vero_bridge_messages_duplicate_total", direction="segment_to_vero") == duplicate + 1
     assert scrape("vero_bridge_deliveries_total", upstream="vero", result="succeeded",

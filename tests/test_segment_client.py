@@ -15,7 +15,7 @@ from werkzeug import Response
 from service.config import Config
 from service.outbox import Item
 from service.outbox.delivery import FAILED, RELEASED, RETRY, SUCCEEDED
-from service.segment_client import (
+from service.vero_to_segment.sender import (
     MAX_REQUEST_BYTES,
     MAX_REQUEST_MESSAGES,
     SegmentSender,
@@ -26,7 +26,7 @@ from service.segment_client import (
     retry_after_seconds,
     sent_at,
 )
-from service.to_segment import MAX_MESSAGE_BYTES, encode_message
+from service.vero_to_segment.mapping import MAX_MESSAGE_BYTES, encode_message
 
 WRITE_KEY = "wk_test_3f9a1c"
 

@@ -11,12 +11,13 @@ import time
 
 import pytest
 
-from service.bridge import SEGMENT_TO_VERO
+from service.directions import SEGMENT_TO_VERO
 from service.outbox import DEAD, DELIVERED, PENDING
 from tests.conftest import wait_for
 from tests.direction_a_samples import CREATED_AT, EXTRAS, TIMESTAMP, every_type, with_credential
 from tests.support import sign
 from tests.vero_standin import VeroStandIn
+from service.runtime import get_runtime
 
 SECRET = "segment-shared-secret"
 TOKEN = "vero-auth-token-Zm9vOmJhcg=="
@@ -57,7 +58,7 @@ def basic(user, password=""):
 
 def deliver_all(app, rounds=50):
     """Delivery rounds until nothing due is left."""
-    deliverer = app.extensions["vero_bridge"].deliverer
+    deliverer = get_runtime(app).deliverer
     for _ in range(rounds):
         if deliverer.run_once(SEGMENT_TO_VERO) == 0:
             return
@@ -65,7 +66,7 @@ def deliver_all(app, rounds=50):
 
 
 def states(app):
-    counts = app.extensions["vero_bridge"].store.counts(time.time())
+    counts = get_runtime(app).store.counts(time.time())
     return {state: n for (direction, state), n in counts.items() if direction == SEGMENT_TO_VERO}
 
 
@@ -353,7 +354,7 @@ def test_an_unwritable_outbox_is_503_and_acknowledges_nothing(make_app, env, sql
     app = make_app(env)
     client = app.test_client()
     path = sqlite_url[len("sqlite:///"):]
-    app.extensions["vero_bridge"].store.close()
+    get_runtime(app).store.close()
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
             os.remove(path + suffix)
@@ -387,10 +388,10 @@ def test_a_vero_5xx_is_retried_until_delivered_once_and_nothing_is_lost(app, cli
     vero.answer(500, "/events/track", body="upstream trouble")
     post(client, track())
 
-    assert app.extensions["vero_bridge"].deliverer.run_once(SEGMENT_TO_VERO) == 1
+    assert get_runtime(app).deliverer.run_once(SEGMENT_TO_VERO) == 1
     assert states(app) == {PENDING: 1}
     # The first retry waits a backoff of half a second to a second.
-    wait_for(lambda: app.extensions["vero_bridge"].deliverer.run_once(SEGMENT_TO_VERO), timeout=5)
+    wait_for(lambda: get_runtime(app).deliverer.run_once(SEGMENT_TO_VERO), timeout=5)
     deliver_all(app)
 
     assert vero.received() == [event_call(), event_call()]
@@ -405,7 +406,7 @@ def test_a_retry_resumes_at_the_call_that_failed(app, client, vero):
     post(client, message)
 
     deliver_all(app)
-    wait_for(lambda: app.extensions["vero_bridge"].deliverer.run_once(SEGMENT_TO_VERO), timeout=5)
+    wait_for(lambda: get_runtime(app).deliverer.run_once(SEGMENT_TO_VERO), timeout=5)
 
     identify = ("POST", "/users/track", {"id": "u1", "data": {"id": "u1"}, "auth_token": TOKEN})
     tags = ("PUT", "/users/tags/edit", {"id": "u1", "add": ["vip"], "auth_token": TOKEN})
@@ -427,7 +428,7 @@ def test_a_vero_4xx_dead_letters_the_message_and_its_later_calls_and_spares_othe
         event_call(user="good"),
     ]
     assert states(app) == {DEAD: 1, DELIVERED: 1}
-    [dead] = app.extensions["vero_bridge"].store.dead(SEGMENT_TO_VERO, 10)
+    [dead] = get_runtime(app).store.dead(SEGMENT_TO_VERO, 10)
     assert dead.order_key == "bad"
     assert dead.error == ('POST /events/track: Vero answered 400: {"status": 400, "message":'
                           ' "Invalid event"} (2 later calls of this message not sent)')
@@ -450,9 +451,9 @@ def test_a_429_waits_as_long_as_retry_after_asks(app, client, vero, sqlite_url):
     post(client, track())
 
     before = time.time()
-    assert app.extensions["vero_bridge"].deliverer.run_once(SEGMENT_TO_VERO) == 1
+    assert get_runtime(app).deliverer.run_once(SEGMENT_TO_VERO) == 1
 
-    assert app.extensions["vero_bridge"].deliverer.run_once(SEGMENT_TO_VERO) == 0
+    assert get_runtime(app).deliverer.run_once(SEGMENT_TO_VERO) == 0
     assert vero.received() == [event_call()]
     with sqlite3.connect(sqlite_url[len("sqlite:///"):]) as db:
         [(state, available_at, error)] = db.execute(
@@ -466,7 +467,7 @@ def test_a_429_waits_as_long_as_retry_after_asks(app, client, vero, sqlite_url):
 def test_one_users_messages_go_out_in_order_while_others_proceed(app, client, vero):
     vero.answer(500, "/events/track", user="u1")
     post(client, [track(event="A1"), track(event="A2"), track(user="u2", event="B1")])
-    deliverer = app.extensions["vero_bridge"].deliverer
+    deliverer = get_runtime(app).deliverer
 
     assert deliverer.run_once(SEGMENT_TO_VERO) == 2  # one item per user: A1 and B1
     # A2 waits behind A1 (backing off), though it is due.

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from marshmallow import ValidationError
 
-from service.segment_schemas import (
+from service.messages import (
     MESSAGE_TYPES,
     SCHEMAS,
     AliasSchema,

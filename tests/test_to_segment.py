@@ -6,8 +6,8 @@ from urllib.parse import quote, quote_plus, urlencode
 import pytest
 
 from service.results import Accept, Reject, Skip
-from service.segment_schemas import TrackSchema
-from service.to_segment import (
+from service.messages import TrackSchema
+from service.vero_to_segment.mapping import (
     DEFAULT_EVENT_NAMES,
     MAX_MESSAGE_BYTES,
     encode_message,
@@ -15,9 +15,9 @@ from service.to_segment import (
     ignored_overrides,
     map_webhook,
     message_id,
-    parse_body,
 )
-from service.vero_schemas import load_webhook
+from service.vero_to_segment.webhooks import load_webhook
+from blueprints.vero import parse_body
 
 LIBRARY = {"name": "vero-bridge", "version": "0.1.0"}
 RECEIVED_AT = 1700000500.0  # 2023-11-14T22:21:40Z

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.results import Accept, Reject, Skip
-from service.to_vero import basic_auth_ok, looks_like_email, map_message, signature_ok, split_body
+from blueprints.segment import basic_auth_ok, signature_ok, split_body
+from service.segment_to_vero.mapping import looks_like_email, map_message
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "segment-vero"
 RECEIVED_AT = 1700000000.75  # whole seconds: 1700000000

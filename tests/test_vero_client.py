@@ -11,7 +11,7 @@ from werkzeug import Response
 from service.config import Config
 from service.outbox import Item
 from service.outbox.delivery import FAILED, RELEASE, RELEASED, RETRY, SUCCEEDED
-from service.vero_client import VeroSender, retry_after_seconds
+from service.segment_to_vero.sender import VeroSender, retry_after_seconds
 from tests.conftest import wait_for
 from tests.support import free_port
 

@@ -11,10 +11,11 @@ from urllib.parse import quote, urlencode
 import pytest
 from werkzeug import Response
 
-from service.bridge import VERO_TO_SEGMENT
+from service.directions import VERO_TO_SEGMENT
 from service.outbox import DEAD, DELIVERED, PENDING
-from service.segment_client import MAX_REQUEST_BYTES
+from service.vero_to_segment.sender import MAX_REQUEST_BYTES
 from tests.conftest import wait_for
+from service.runtime import get_runtime
 
 TOKEN = "hook-token-7c1e52"
 WRITE_KEY = "wk_edge_51b2d0"
@@ -114,11 +115,11 @@ def ok(accepted=0, duplicate=0, skipped=0, rejected=()):
 
 
 def deliver(app) -> int:
-    return app.extensions["vero_bridge"].deliverer.run_once(VERO_TO_SEGMENT)
+    return get_runtime(app).deliverer.run_once(VERO_TO_SEGMENT)
 
 
 def store(app):
-    return app.extensions["vero_bridge"].store
+    return get_runtime(app).store
 
 
 def states(app) -> dict[str, int]:

@@ -3,7 +3,7 @@ mapping depends on a value."""
 import pytest
 from marshmallow import ValidationError
 
-from service.vero_schemas import (
+from service.vero_to_segment.webhooks import (
     EMAIL_EVENT_TYPES,
     EVENT_TYPES,
     MAX_UNIX_SECONDS,

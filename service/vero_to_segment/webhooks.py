@@ -18,7 +18,7 @@ from typing import Any
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, pre_load
 
-from service.segment_schemas import instance_of
+from service.messages import instance_of
 
 # Vero's event types (API-FACTS.md). The first ten describe an email and can
 # be forwarded; the two user events only describe a profile change.

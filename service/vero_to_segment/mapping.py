@@ -11,14 +11,12 @@ import hashlib
 import json
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import parse_qsl, unquote_plus
 
 from marshmallow import ValidationError
 
-from service import jsonbody
 from service.results import Accept, Reject, Result, Skip
-from service.segment_schemas import TrackSchema, instance_of
-from service.vero_schemas import (
+from service.messages import TrackSchema, instance_of
+from service.vero_to_segment.webhooks import (
     EMAIL_EVENT_TYPES,
     SCHEMAS,
     USER_EVENT_TYPES,
@@ -49,14 +47,6 @@ MAX_MESSAGE_BYTES = 32 * 1024
 # Segment rejects a messageId longer than this.
 MAX_MESSAGE_ID_LENGTH = 100
 
-_JSON_STARTS = ("{", "[")
-
-# Vero payloads are three levels deep. A cap far above that keeps a hostile
-# body from reaching Python's recursion limit later, when the message is
-# encoded or stored, where it would be an error instead of a 400.
-MAX_NESTING = 32
-
-
 # ---------------------------------------------------------------------------
 # Configuration
 
@@ -85,88 +75,6 @@ def event_names_with(overrides: dict[str, Any]) -> dict[str, str | None]:
 def ignored_overrides(overrides: dict[str, Any]) -> list[str]:
     """The keys of `VERO_EVENT_NAMES` that name no forwardable Vero type."""
     return [key for key in overrides if str(key).strip().lower() not in DEFAULT_EVENT_NAMES]
-
-
-# ---------------------------------------------------------------------------
-# The request body
-
-
-def parse_body(raw: bytes, content_type: str | None) -> list[Any] | Reject:
-    """The webhooks in a request body: one JSON object, or a JSON array of them.
-
-    Some senders and proxies URL-encode the body. The body's shape decides,
-    not the Content-Type header (a proxy that re-encodes a body rarely fixes
-    the header):
-    - text starting with `{` or `[` is JSON as it stands;
-    - otherwise, if percent-decoding the whole body (form rules: `+` is a
-      space) gives text starting with `{` or `[`, that is the JSON;
-    - otherwise the body is read as form fields, and the one field whose
-      value is JSON is used (any field name; several such fields are refused
-      as ambiguous).
-    Elements of an array are returned as they are; `map_webhook` rejects the
-    ones that are not objects, so that one bad element does not cost the rest.
-    """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return Reject(f"body is not valid UTF-8 (byte {error.start})", "bad_encoding")
-    # A byte-order mark is not JSON, but some Windows tools add one.
-    text = text.removeprefix("\ufeff").strip()
-    if not text:
-        return Reject("body is empty", "empty_body")
-    if not text.startswith(_JSON_STARTS):
-        decoded = _url_decoded_json(text, content_type)
-        if isinstance(decoded, Reject):
-            return decoded
-        text = decoded
-    return _parse_json(text)
-
-
-def _url_decoded_json(text: str, content_type: str | None) -> str | Reject:
-    try:
-        whole = unquote_plus(text, errors="strict").strip()
-        if whole.startswith(_JSON_STARTS):
-            return whole
-        form = parse_qsl(text, keep_blank_values=True, errors="strict")
-    except UnicodeDecodeError:
-        return Reject("URL-encoded body is not valid UTF-8", "bad_encoding")
-    except ValueError as error:
-        return Reject(f"body is not JSON and not a valid form: {error}", "bad_json")
-    holding_json = [value.strip() for _, value in form if value.strip().startswith(_JSON_STARTS)]
-    if len(holding_json) == 1:
-        return holding_json[0]
-    if len(holding_json) > 1:
-        return Reject("form body has several fields holding JSON; expected one", "bad_json")
-    if _is_json(text):
-        return text  # a JSON scalar: let the JSON reader say it is not an object
-    return Reject(_not_json_error(content_type), "bad_json")
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _not_json_error(content_type: str | None) -> str:
-    if content_type and content_type.split(";")[0].strip().lower() == "multipart/form-data":
-        return "multipart bodies are not supported; send the webhook as JSON"
-    return "body is not JSON: expected a JSON object or array (plain or URL-encoded)"
-
-
-def _parse_json(text: str) -> list[Any] | Reject:
-    value = jsonbody.loads(text, max_nesting=MAX_NESTING)
-    if isinstance(value, Reject):
-        return value
-    if isinstance(value, dict):
-        return [value]
-    if isinstance(value, list):
-        if not value:
-            return Reject("body is an empty array", "empty_body")
-        return value
-    return Reject("body must be a JSON object or an array of objects", "not_object")
 
 
 # ---------------------------------------------------------------------------

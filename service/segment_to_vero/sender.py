@@ -1,7 +1,7 @@
 """Direction A's sender: delivers claimed outbox items to Vero's REST API.
 
 Each item holds the ordered Vero calls one Segment message maps to
-(`service.to_vero`). The calls are sent one after another, each only after
+(`service.segment_to_vero.mapping`). The calls are sent one after another, each only after
 the one before it succeeded, starting at `item.progress` (calls already
 delivered are never sent again). The credential is added to each body here,
 at send time, so the outbox never stores it.
@@ -26,9 +26,10 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from service.config import Config
+from service.directions import SEGMENT_TO_VERO
 from service.outbox import Item
 from service.outbox.delivery import FAILED, RELEASE, RELEASED, RETRY, SUCCEEDED, Outcome
-from service.upstream import retry_after_seconds, retryable, status_class
+from service.retry import retry_after_seconds, retryable, status_class
 from service.version import NAME, VERSION
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ REDACTED = "[redacted]"
 
 
 class VeroSender:
-    direction = "segment_to_vero"
+    direction = SEGMENT_TO_VERO
     upstream = "vero"
     claim_size = CLAIM_SIZE
     # One message per user per claim: its calls go one by one, and the next

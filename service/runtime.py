@@ -1,5 +1,6 @@
 """One process's runtime: its configuration, the outbox store, and (when this
-process delivers) the delivery workers."""
+process delivers) the delivery workers. `init_app` attaches it to the app;
+`get_runtime` is the one way to reach it."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,8 @@ import time
 from typing import Sequence
 
 from service import intake, metrics
+from flask import Flask, current_app
+
 from service.config import Config
 from service.outbox import Store
 from service.outbox.delivery import RELEASED, SUCCEEDED, Deliverer, Limits, Outcome, Sender
@@ -15,12 +18,13 @@ from service.results import Result
 
 log = logging.getLogger(__name__)
 
-SEGMENT_TO_VERO = "segment_to_vero"
-VERO_TO_SEGMENT = "vero_to_segment"
 HOUSEKEEPING_SECONDS = 600.0
 
 
-class Bridge:
+EXTENSION = "vero_bridge"
+
+
+class Runtime:
     def __init__(self, config: Config, store: Store, senders: Sequence[Sender]):
         self.config = config
         self.store = store
@@ -33,6 +37,9 @@ class Bridge:
             on_outcome=count_outcome,
         )
         self._housekeeping: threading.Thread | None = None
+
+    def init_app(self, app: Flask) -> None:
+        app.extensions[EXTENSION] = self
 
     def accept(self, direction: str, results: Sequence[Result]) -> intake.Summary:
         summary = intake.record(self.store, direction, results, time.time())
@@ -64,6 +71,25 @@ class Bridge:
             except Exception as exc:
                 log.warning("purge failed: %s", exc)
             stopping.wait(HOUSEKEEPING_SECONDS)
+
+
+def get_runtime(app: Flask | None = None) -> Runtime:
+    """The runtime of `app`, or of the current app."""
+    return (app or current_app).extensions[EXTENSION]
+
+
+def default_senders(config: Config) -> list[Sender]:
+    """The senders for the directions this deployment has configured."""
+    senders: list[Sender] = []
+    if config.vero_enabled:
+        from service.segment_to_vero.sender import VeroSender
+
+        senders.append(VeroSender(config))
+    if config.segment_enabled:
+        from service.vero_to_segment.sender import SegmentSender
+
+        senders.append(SegmentSender(config))
+    return senders
 
 
 def count_outcome(sender: Sender, outcome: Outcome) -> None:

@@ -26,10 +26,11 @@ from requests.adapters import HTTPAdapter
 
 from service import version
 from service.config import Config
+from service.directions import VERO_TO_SEGMENT
 from service.outbox import Item
 from service.outbox.delivery import FAILED, RELEASE, RETRY, SUCCEEDED, Outcome
-from service.to_segment import MAX_MESSAGE_BYTES, encode_message
-from service.upstream import retry_after_seconds, retryable, status_class
+from service.vero_to_segment.mapping import MAX_MESSAGE_BYTES, encode_message
+from service.retry import retry_after_seconds, retryable, status_class
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class _Round:
 class SegmentSender:
     """Sends direction B's outbox items to Segment's `/batch` endpoint."""
 
-    direction = "vero_to_segment"
+    direction = VERO_TO_SEGMENT
     upstream = "segment"
     # One claim takes everything pending up to this, each user's due messages
     # oldest first, which fits in one or two requests for ordinary email events.

@@ -1,0 +1,1 @@
+"""Direction A: Segment messages become Vero REST calls (mapping, then sender)."""

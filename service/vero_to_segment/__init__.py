@@ -1,0 +1,1 @@
+"""Direction B: Vero webhooks become Segment track calls (webhooks, mapping, sender)."""
