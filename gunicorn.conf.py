@@ -6,6 +6,7 @@ which Heroku and others set, overrides) for the CPU-bound part (JSON, mapping),
 and threads in each (gthread) to overlap the waiting. Each worker process also
 runs the delivery threads when DELIVERY_IN_WEB is on (the default).
 """
+
 import os
 import signal
 import tempfile
@@ -17,7 +18,7 @@ from gunicorn import glogging
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vero-bridge-metrics-")
 
-from service.config import load_or_exit  # noqa: E402
+from service.config import load_or_exit
 
 # Fail once, in the master, with one line naming the variable.
 _config = load_or_exit()
@@ -38,8 +39,13 @@ logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": "service.logs.JsonFormatter"}},
-    "handlers": {"stdout": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout",
-                            "formatter": "json"}},
+    "handlers": {
+        "stdout": {
+            "class": "logging.StreamHandler",
+            "stream": "ext://sys.stdout",
+            "formatter": "json",
+        }
+    },
     "root": {"level": _config.log_level, "handlers": []},
     "loggers": {
         "gunicorn.error": {"level": "INFO", "handlers": ["stdout"], "propagate": False},

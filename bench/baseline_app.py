@@ -2,6 +2,7 @@
 the JSON body and answer success. Served with the service's own gunicorn
 process settings (bench/baseline_gunicorn.py), so the ratio shows what the
 service's own work (auth, validation, mapping, the durable commit) costs."""
+
 from flask import Flask, jsonify, request
 
 app = Flask(__name__)

@@ -2,6 +2,7 @@
 gunicorn.conf.py (workers, worker class, threads, timeouts, keep-alive,
 logging, logger class) except its hooks, which expect the service's app, and
 the bind, which the benchmark gives."""
+
 import os
 import runpy
 

@@ -6,6 +6,7 @@ arrivals can be matched to acknowledgements. Users are spread over USERS ids:
 the outbox delivers one user's work in order, so a benchmark with a handful of
 users would measure that ordering rather than throughput.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,10 @@ def track(tok: str, n: int) -> dict:
 
 
 def batch(tokens: list[tuple[str, int]]) -> dict:
-    return {"batch": [track(tok, n) for tok, n in tokens],
-            "context": {"library": {"name": "bench", "version": "1"}}}
+    return {
+        "batch": [track(tok, n) for tok, n in tokens],
+        "context": {"library": {"name": "bench", "version": "1"}},
+    }
 
 
 def webhook(tok: str, n: int) -> dict:
@@ -44,7 +47,12 @@ def webhook(tok: str, n: int) -> dict:
         "delivered_at": WEBHOOK_TIME + n,
         "message_id": tok,
         "user": {"id": f"user-{user}", "email": f"user-{user}@example.com"},
-        "campaign": {"id": "c-1", "name": "Bench campaign", "subject": "Hello", "type": "newsletter"},
+        "campaign": {
+            "id": "c-1",
+            "name": "Bench campaign",
+            "subject": "Hello",
+            "type": "newsletter",
+        },
     }
 
 

@@ -6,13 +6,14 @@ closed loop would do that). Threads share the schedule; each keeps one
 keep-alive http.client connection, which costs far less CPU per request than
 requests, leaving the cores to the service.
 """
+
 from __future__ import annotations
 
 import http.client
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 @dataclass
@@ -33,8 +34,15 @@ class PacedResult:
 Builder = Callable[[int], tuple[str, bytes, list[str]]]
 
 
-def run(port: int, headers: dict[str, str], build: Builder, rate: float, seconds: float,
-        threads: int = 16, stop: threading.Event | None = None) -> PacedResult:
+def run(
+    port: int,
+    headers: dict[str, str],
+    build: Builder,
+    rate: float,
+    seconds: float,
+    threads: int = 16,
+    stop: threading.Event | None = None,
+) -> PacedResult:
     result = PacedResult()
     lock = threading.Lock()
     total = int(rate * seconds)

@@ -7,6 +7,7 @@ whole interpreter, as a gunicorn worker does.
 
 Prints {"requests": n, "seconds": s, "errors": e} as JSON.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def main(path: str, base_url: str, threads: int, auth: str | None) -> None:
 
     def post_all(share):
         for method, call_path, body in share:
-            response = session.request(method, base_url + call_path, data=body.encode(),
-                                       headers=headers, timeout=10)
+            response = session.request(
+                method, base_url + call_path, data=body.encode(), headers=headers, timeout=10
+            )
             if response.status_code != 200:
                 errors[0] += 1
 

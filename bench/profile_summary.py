@@ -4,13 +4,21 @@ idle threads waiting on a lock, a socket or a sleep.
 
     python -m bench.profile_summary bench/out/profile/ingest-single-0-*.txt
 """
+
 from __future__ import annotations
 
 import sys
 from collections import Counter
 
-IDLE = ("wait (threading.py", "select (selectors.py", "accept (socket.py", "_worker (concurrent",
-        "run_for_one", "sleep (gunicorn", "get (queue.py")
+IDLE = (
+    "wait (threading.py",
+    "select (selectors.py",
+    "accept (socket.py",
+    "_worker (concurrent",
+    "run_for_one",
+    "sleep (gunicorn",
+    "get (queue.py",
+)
 
 
 def summarise(paths: list[str], top: int = 25) -> str:

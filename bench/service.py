@@ -1,5 +1,6 @@
 """Starting and stopping gunicorn (the service or the ingest baseline) for a
 benchmark, and reading its workers' memory and the outbox's depth."""
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 
 # Every gunicorn this process started, so that an interrupted run stops them.
-STARTED: list["Gunicorn"] = []
+STARTED: list[Gunicorn] = []
 
 
 def free_port() -> int:
@@ -29,8 +30,9 @@ class Gunicorn:
     """gunicorn run from the repository root as the Procfile's web line runs it
     (`gunicorn wsgi:app`, settings from gunicorn.conf.py), bound to 127.0.0.1."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, app: str = "wsgi:app",
-                 config: str | None = None):
+    def __init__(
+        self, env: dict[str, str], log_path: Path, app: str = "wsgi:app", config: str | None = None
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {"PATH": os.environ["PATH"], "PORT": str(self.port), **env}
@@ -40,16 +42,24 @@ class Gunicorn:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> "Gunicorn":
+    def start(self, timeout: float = 30.0) -> Gunicorn:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.command,
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         STARTED.append(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}; see {self.log_path}")
+                raise RuntimeError(
+                    f"gunicorn exited with {self.proc.returncode}; see {self.log_path}"
+                )
             if self._answers() and len(self.worker_pids()) >= self._expected_workers():
                 return self
             time.sleep(0.1)
@@ -117,8 +127,9 @@ def pending_depth(db_path: str) -> dict[str, int]:
         return {}
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     try:
-        rows = conn.execute("SELECT direction, count(*) FROM outbox WHERE state = 'pending'"
-                            " GROUP BY direction").fetchall()
+        rows = conn.execute(
+            "SELECT direction, count(*) FROM outbox WHERE state = 'pending' GROUP BY direction"
+        ).fetchall()
     except sqlite3.Error:
         return {}
     finally:
@@ -129,6 +140,8 @@ def pending_depth(db_path: str) -> dict[str, int]:
 def stored_count(db_path: str, direction: str) -> int:
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     try:
-        return conn.execute("SELECT count(*) FROM outbox WHERE direction = ?", (direction,)).fetchone()[0]
+        return conn.execute(
+            "SELECT count(*) FROM outbox WHERE direction = ?", (direction,)
+        ).fetchone()[0]
     finally:
         conn.close()

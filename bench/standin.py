@@ -8,6 +8,7 @@ counts the distinct tokens it has seen in shared memory (the harness polls the
 sum) and appends "token arrival_time" lines to its own file; with `capture`
 it also keeps every request's path and body, for the baselines to replay.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,10 @@ SEGMENT_REPLY = b'{"success": true}'
 
 
 def _response(body: bytes) -> bytes:
-    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
     return head + body
 
 
@@ -44,7 +47,9 @@ class _Recorder:
         self.captured: list[bytes] = []
         self.capture = capture
         self.arrivals = open(os.path.join(out_dir, f"arrivals.{slot}"), "ab")
-        self.requests_file = open(os.path.join(out_dir, f"requests.{slot}.jsonl"), "ab") if capture else None
+        self.requests_file = (
+            open(os.path.join(out_dir, f"requests.{slot}.jsonl"), "ab") if capture else None
+        )
 
     def record(self, method: bytes, path: bytes, body: bytes) -> None:
         now = time.time()
@@ -57,7 +62,9 @@ class _Recorder:
             self.requests[self.slot] += 1
             self.lines.extend(token + stamp for token in found)
             if self.capture:
-                self.captured.append(json.dumps([method.decode(), path.decode(), body.decode()]).encode() + b"\n")
+                self.captured.append(
+                    json.dumps([method.decode(), path.decode(), body.decode()]).encode() + b"\n"
+                )
 
     def flush(self) -> None:
         with self.lock:
@@ -80,7 +87,7 @@ def _read_request(conn: socket.socket, buffer: bytearray) -> tuple[bytes, bytes,
         buffer += chunk
     end = buffer.index(b"\r\n\r\n")
     head = bytes(buffer[:end]).split(b"\r\n")
-    del buffer[:end + 4]
+    del buffer[: end + 4]
     method, path = head[0].split(b" ")[:2]
     headers = {}
     for line in head[1:]:
@@ -106,11 +113,11 @@ def _read_chunked(conn: socket.socket, buffer: bytearray) -> bytes:
             buffer += conn.recv(65536)
         line_end = buffer.index(b"\r\n")
         size = int(bytes(buffer[:line_end]).split(b";")[0], 16)
-        del buffer[:line_end + 2]
+        del buffer[: line_end + 2]
         while len(buffer) < size + 2:
             buffer += conn.recv(65536)
         body += buffer[:size]
-        del buffer[:size + 2]
+        del buffer[: size + 2]
         if size == 0:
             return bytes(body)
 
@@ -131,8 +138,9 @@ def _serve_connection(conn: socket.socket, recorder: _Recorder, reply: bytes) ->
         conn.close()
 
 
-def _process_main(listener: socket.socket, slot: int, tokens, requests, out_dir: str,
-                  capture: bool, reply: bytes) -> None:
+def _process_main(
+    listener: socket.socket, slot: int, tokens, requests, out_dir: str, capture: bool, reply: bytes
+) -> None:
     recorder = _Recorder(slot, tokens, requests, out_dir, capture)
 
     def stop(signum, frame):
@@ -150,14 +158,17 @@ def _process_main(listener: socket.socket, slot: int, tokens, requests, out_dir:
     threading.Thread(target=flusher, daemon=True).start()
     while True:
         conn, _ = listener.accept()
-        threading.Thread(target=_serve_connection, args=(conn, recorder, reply), daemon=True).start()
+        threading.Thread(
+            target=_serve_connection, args=(conn, recorder, reply), daemon=True
+        ).start()
 
 
 class StandIn:
     """`processes` forked servers on one 127.0.0.1 port; `url` is its base."""
 
-    def __init__(self, name: str, reply: bytes, out_dir: str, processes: int = 2,
-                 capture: bool = False):
+    def __init__(
+        self, name: str, reply: bytes, out_dir: str, processes: int = 2, capture: bool = False
+    ):
         self.name = name
         self.out_dir = out_dir
         os.makedirs(out_dir, exist_ok=True)
@@ -171,9 +182,20 @@ class StandIn:
         self._tokens = context.Array("q", processes, lock=False)
         self._requests = context.Array("q", processes, lock=False)
         self._processes = [
-            context.Process(target=_process_main, daemon=True, name=f"standin-{name}-{slot}",
-                            args=(self.listener, slot, self._tokens, self._requests, out_dir,
-                                  capture, _response(reply)))
+            context.Process(
+                target=_process_main,
+                daemon=True,
+                name=f"standin-{name}-{slot}",
+                args=(
+                    self.listener,
+                    slot,
+                    self._tokens,
+                    self._requests,
+                    out_dir,
+                    capture,
+                    _response(reply),
+                ),
+            )
             for slot in range(processes)
         ]
         for process in self._processes:
@@ -223,7 +245,7 @@ class StandIn:
                     requests.extend(tuple(json.loads(line)) for line in lines)
         return requests
 
-    def __enter__(self) -> "StandIn":
+    def __enter__(self) -> StandIn:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,6 +1,7 @@
 """Closed-loop load with wrk: each connection sends its next request as soon as
 the previous one is answered. A Lua script builds every body, so each request
 carries new messageIds (the service would count repeats as duplicates)."""
+
 from __future__ import annotations
 
 import json
@@ -84,23 +85,46 @@ class WrkResult:
 
 
 def script(out_dir: str, kind: str, phase: str, path: str, auth: str, per_request: int = 1) -> str:
-    text = LUA % {"kind": kind, "phase": phase, "path": path, "auth": auth, "users": bodies.USERS,
-                  "per_request": per_request, "timestamp": bodies.TIMESTAMP,
-                  "webhook_time": bodies.WEBHOOK_TIME}
+    text = LUA % {
+        "kind": kind,
+        "phase": phase,
+        "path": path,
+        "auth": auth,
+        "users": bodies.USERS,
+        "per_request": per_request,
+        "timestamp": bodies.TIMESTAMP,
+        "webhook_time": bodies.WEBHOOK_TIME,
+    }
     path_ = os.path.join(out_dir, f"wrk-{phase}.lua")
     with open(path_, "w") as handle:
         handle.write(text)
     return path_
 
 
-def run(url: str, script_path: str, connections: int, seconds: float, threads: int = 2) -> WrkResult:
-    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(int(seconds), 1)}s",
-               "--timeout", "10s", "-s", script_path, url]
+def run(
+    url: str, script_path: str, connections: int, seconds: float, threads: int = 2
+) -> WrkResult:
+    command = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(int(seconds), 1)}s",
+        "--timeout",
+        "10s",
+        "-s",
+        script_path,
+        url,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     for line in done.stdout.splitlines():
         if line.startswith("WRK_RESULT "):
-            raw = json.loads(line[len("WRK_RESULT "):])
+            raw = json.loads(line[len("WRK_RESULT ") :])
             errors = raw["status"] + raw["connect"] + raw["read"] + raw["write"] + raw["timeout"]
-            return WrkResult(raw["requests"], raw["duration_us"] / 1e6, errors,
-                             raw["p50_us"] / 1000, raw["p99_us"] / 1000)
+            return WrkResult(
+                raw["requests"],
+                raw["duration_us"] / 1e6,
+                errors,
+                raw["p50_us"] / 1000,
+                raw["p99_us"] / 1000,
+            )
     raise RuntimeError(f"wrk gave no result:\n{done.stdout}\n{done.stderr}")

@@ -1,16 +1,17 @@
 """What both directions' edges share: refusing requests and shaping answers."""
+
 from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Sequence
 
 from flask import jsonify
 
 from service import metrics
-from service.runtime import get_runtime
 from service.results import Reject, Result
+from service.runtime import get_runtime
 
 log = logging.getLogger("vero_bridge.intake")
 
@@ -35,8 +36,13 @@ def answer(direction: str, results: Sequence[Result], single: bool):
     outbox cannot be written."""
     if log.isEnabledFor(logging.DEBUG):
         # Bodies hold personal data (emails): only ever at debug level.
-        log.debug("mapped", extra={"direction": direction,
-                                   "results": [{type(r).__name__: asdict(r)} for r in results]})
+        log.debug(
+            "mapped",
+            extra={
+                "direction": direction,
+                "results": [{type(r).__name__: asdict(r)} for r in results],
+            },
+        )
     if single and isinstance(results[0], Reject):
         get_runtime().accept(direction, results)  # counted, nothing stored
         return error(400, results[0].error)

@@ -1,5 +1,6 @@
 """Direction A's edge: Segment (Webhooks destination or any Segment library)
 posts here; messages are mapped to Vero calls and queued."""
+
 from __future__ import annotations
 
 import hashlib
@@ -35,12 +36,20 @@ def segment_api(kind: str):
 def _ingest(route_type: str | None):
     config = get_runtime().config
     if not config.vero_enabled:
-        return refuse(SEGMENT_TO_VERO, 503, "not_configured",
-                       "not configured: set VERO_AUTH_TOKEN or VERO_TRACKING_API_KEY")
+        return refuse(
+            SEGMENT_TO_VERO,
+            503,
+            "not_configured",
+            "not configured: set VERO_AUTH_TOKEN or VERO_TRACKING_API_KEY",
+        )
     secret = config.segment_shared_secret
     if not secret:
-        return refuse(SEGMENT_TO_VERO, 401, "unauthorized",
-                       "SEGMENT_SHARED_SECRET is not set, so no request can be authenticated")
+        return refuse(
+            SEGMENT_TO_VERO,
+            401,
+            "unauthorized",
+            "SEGMENT_SHARED_SECRET is not set, so no request can be authenticated",
+        )
     # Basic auth needs no body, so an unauthenticated request is refused
     # before its body is read (SERVICE.md: authentication, then 400/413).
     username = request.authorization.username if request.authorization else None
@@ -58,17 +67,23 @@ def _ingest(route_type: str | None):
     single = isinstance(body, dict) and "batch" not in body
     allow_anonymous = config.vero_allow_anonymous
     now = time.time()
-    results = [item if isinstance(item, Reject)
-               else map_message(item, allow_anonymous=allow_anonymous, received_at=now)
-               for item in items]
+    results = [
+        item
+        if isinstance(item, Reject)
+        else map_message(item, allow_anonymous=allow_anonymous, received_at=now)
+        for item in items
+    ]
     return answer(SEGMENT_TO_VERO, results, single)
 
 
-
 def _unauthorized():
-    return refuse(SEGMENT_TO_VERO, 401, "unauthorized",
-                  "unauthorized: send X-Signature (HMAC-SHA1 of the body with the shared"
-                  " secret) or HTTP Basic auth with the shared secret as the user name")
+    return refuse(
+        SEGMENT_TO_VERO,
+        401,
+        "unauthorized",
+        "unauthorized: send X-Signature (HMAC-SHA1 of the body with the shared"
+        " secret) or HTTP Basic auth with the shared secret as the user name",
+    )
 
 
 # The edge's own helpers: pure, so tests call them directly.

@@ -1,5 +1,6 @@
 """Direction B's edge: Vero posts email-event webhooks here; each becomes a
 Segment track call, queued for batched delivery."""
+
 from __future__ import annotations
 
 import json
@@ -32,12 +33,20 @@ MAX_NESTING = 32
 def webhook(token: str):
     config = get_runtime().config
     if not config.segment_enabled:
-        return refuse(VERO_TO_SEGMENT, 503, "not_configured", "not configured: set SEGMENT_WRITE_KEY")
+        return refuse(
+            VERO_TO_SEGMENT, 503, "not_configured", "not configured: set SEGMENT_WRITE_KEY"
+        )
     if not config.vero_webhook_token:
-        return refuse(VERO_TO_SEGMENT, 401, "unauthorized",
-                       "VERO_WEBHOOK_TOKEN is not set, so no webhook can be authenticated")
+        return refuse(
+            VERO_TO_SEGMENT,
+            401,
+            "unauthorized",
+            "VERO_WEBHOOK_TOKEN is not set, so no webhook can be authenticated",
+        )
     if not secret_matches(token, config.vero_webhook_token):
-        return refuse(VERO_TO_SEGMENT, 401, "unauthorized", "unauthorized: the token in the URL is not valid")
+        return refuse(
+            VERO_TO_SEGMENT, 401, "unauthorized", "unauthorized: the token in the URL is not valid"
+        )
     raw = request.get_data(cache=False)
     items = parse_body(raw, request.content_type)
     if isinstance(items, Reject):
@@ -46,8 +55,9 @@ def webhook(token: str):
     single = not raw.lstrip()[:3].upper().startswith((b"[", b"%5B"))
     names = event_names_with(config.vero_event_names)
     now = time.time()
-    results = [map_webhook(item, event_names=names, library=LIBRARY, received_at=now)
-               for item in items]
+    results = [
+        map_webhook(item, event_names=names, library=LIBRARY, received_at=now) for item in items
+    ]
     return answer(VERO_TO_SEGMENT, results, single and len(results) == 1)
 
 

@@ -1,4 +1,5 @@
 """The application factory."""
+
 from __future__ import annotations
 
 import logging
@@ -11,10 +12,10 @@ from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from service import logs
-from service.runtime import Runtime, default_senders
 from service.config import Config, load_or_exit
 from service.outbox import StoreError, open_store
 from service.outbox.delivery import Sender
+from service.runtime import Runtime, default_senders
 from service.vero_to_segment.mapping import ignored_overrides
 
 log = logging.getLogger("vero_bridge")
@@ -33,7 +34,8 @@ def create_app(config: Config | None = None, senders: list[Sender] | None = None
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     database_url = config.database_url or "sqlite:///" + os.path.join(
-        app.instance_path, "vero-bridge.db")
+        app.instance_path, "vero-bridge.db"
+    )
     store = open_store(database_url, pool_size=config.outbox_pool_size)
     if senders is None:
         senders = default_senders(config)
@@ -54,8 +56,10 @@ def create_app(config: Config | None = None, senders: list[Sender] | None = None
 
     ignored = ignored_overrides(config.vero_event_names)
     if ignored:
-        log.warning("VERO_EVENT_NAMES names types that are never forwarded; ignored: %s",
-                    ", ".join(map(str, ignored)))
+        log.warning(
+            "VERO_EVENT_NAMES names types that are never forwarded; ignored: %s",
+            ", ".join(map(str, ignored)),
+        )
     try:
         store.check(time.time())
     except StoreError as exc:
@@ -76,9 +80,16 @@ def _install_request_hooks(app: Flask) -> None:
         response.headers["X-Request-ID"] = g.get("request_id", "")
         rule = request.url_rule.rule if request.url_rule else logs.redact(request.path)
         access_log.info(
-            "%s %s %s", request.method, rule, response.status_code,
-            extra={"method": request.method, "route": rule, "status": response.status_code,
-                   "duration_ms": round((time.perf_counter() - g.get("started", 0)) * 1000, 2)},
+            "%s %s %s",
+            request.method,
+            rule,
+            response.status_code,
+            extra={
+                "method": request.method,
+                "route": rule,
+                "status": response.status_code,
+                "duration_ms": round((time.perf_counter() - g.get("started", 0)) * 1000, 2),
+            },
         )
         return response
 

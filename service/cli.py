@@ -1,4 +1,5 @@
 """Operator commands: `flask --app wsgi outbox status|dead|replay|deliver|purge`."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,9 @@ from service.directions import DIRECTIONS
 from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING
 from service.runtime import get_runtime
 
-direction_option = click.option("--direction", type=click.Choice(DIRECTIONS), default=None,
-                                 help="Only this direction.")
+direction_option = click.option(
+    "--direction", type=click.Choice(DIRECTIONS), default=None, help="Only this direction."
+)
 
 
 @click.group(help="Inspect and operate the durable outbox.")
@@ -32,23 +34,31 @@ def status(as_json: bool):
     for direction in DIRECTIONS:
         in_flight = counts.get((direction, IN_FLIGHT), 0)
         created = oldest.get(direction)
-        rows.append({
-            "direction": direction,
-            "pending": counts.get((direction, PENDING), 0),
-            "in_flight": in_flight,
-            "delivered": counts.get((direction, DELIVERED), 0),
-            "dead": counts.get((direction, DEAD), 0),
-            "oldest_pending_seconds": round(now - created, 1) if created else None,
-        })
+        rows.append(
+            {
+                "direction": direction,
+                "pending": counts.get((direction, PENDING), 0),
+                "in_flight": in_flight,
+                "delivered": counts.get((direction, DELIVERED), 0),
+                "dead": counts.get((direction, DEAD), 0),
+                "oldest_pending_seconds": round(now - created, 1) if created else None,
+            }
+        )
     if as_json:
         click.echo(json.dumps(rows))
         return
     header = f"{'direction':<16} {'pending':>8} {'in_flight':>9} {'delivered':>9} {'dead':>6}  oldest pending"
     click.echo(header)
     for row in rows:
-        age = "-" if row["oldest_pending_seconds"] is None else f"{row['oldest_pending_seconds']:.0f}s"
-        click.echo(f"{row['direction']:<16} {row['pending']:>8} {row['in_flight']:>9}"
-                   f" {row['delivered']:>9} {row['dead']:>6}  {age}")
+        age = (
+            "-"
+            if row["oldest_pending_seconds"] is None
+            else f"{row['oldest_pending_seconds']:.0f}s"
+        )
+        click.echo(
+            f"{row['direction']:<16} {row['pending']:>8} {row['in_flight']:>9}"
+            f" {row['delivered']:>9} {row['dead']:>6}  {age}"
+        )
 
 
 @outbox.command(help="List dead work with the last error.")
@@ -60,12 +70,23 @@ def dead(direction: str | None, limit: int, as_json: bool):
     items = get_runtime().store.dead(direction, limit)
     for item in items:
         if as_json:
-            click.echo(json.dumps({"id": item.id, "direction": item.direction,
-                                   "attempts": item.attempts, "error": item.error,
-                                   "created_at": item.created_at, "payload": item.payload}))
+            click.echo(
+                json.dumps(
+                    {
+                        "id": item.id,
+                        "direction": item.direction,
+                        "attempts": item.attempts,
+                        "error": item.error,
+                        "created_at": item.created_at,
+                        "payload": item.payload,
+                    }
+                )
+            )
         else:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item.created_at))
-            click.echo(f"{item.id}\t{item.direction}\t{when}Z\tattempts={item.attempts}\t{item.error}")
+            click.echo(
+                f"{item.id}\t{item.direction}\t{when}Z\tattempts={item.attempts}\t{item.error}"
+            )
     if not items and not as_json:
         click.echo("no dead work")
 
@@ -106,8 +127,9 @@ def deliver(once: bool):
 
 
 @outbox.command(help="Delete delivered work older than the retention time.")
-@click.option("--older-than-hours", type=float, default=None,
-              help="Instead of OUTBOX_RETENTION_HOURS.")
+@click.option(
+    "--older-than-hours", type=float, default=None, help="Instead of OUTBOX_RETENTION_HOURS."
+)
 @with_appcontext
 def purge(older_than_hours: float | None):
     runtime = get_runtime()

@@ -4,14 +4,16 @@
 value stops at once with one line naming the variable, instead of failing on
 the first message hours later.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 DEFAULT_VERO_API_URL = "https://api.getvero.com/api/v2"
@@ -21,8 +23,10 @@ DEFAULT_SEGMENT_API_URL = "https://api.segment.io/v1"
 # A host name (letters, digits, hyphens, dots, and the underscores internal
 # names use; no label starting or ending in a hyphen), an IPv4 address, or an
 # IPv6 address (urlsplit strips its brackets).
-_HOST = re.compile(r"^(?:(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?)(?:\.(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?))*\.?"
-                   r"|[0-9A-Fa-f:.]+)$")
+_HOST = re.compile(
+    r"^(?:(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?)(?:\.(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?))*\.?"
+    r"|[0-9A-Fa-f:.]+)$"
+)
 
 
 class ConfigError(ValueError):
@@ -74,7 +78,7 @@ class Config:
         return bool(self.segment_write_key)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Config":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         env = os.environ if env is None else env
         read = _Reader(env)
         config = cls(
@@ -171,7 +175,7 @@ class _Reader:
             return default
         try:
             parts = urlsplit(value)
-            parts.port  # raises ValueError on a malformed port
+            _ = parts.port  # raises ValueError on a malformed port
         except ValueError:
             raise ConfigError(f"{name}: not a valid URL") from None
         if parts.scheme not in schemes or not parts.hostname:
@@ -195,11 +199,11 @@ class _Reader:
         if scheme in ("postgres", "postgresql"):
             try:
                 parts = urlsplit(value)
-                parts.port
+                _ = parts.port  # raises ValueError on a malformed port
             except ValueError:
                 raise ConfigError(f"{name}: not a valid PostgreSQL URL") from None
             # The "postgres://" form is what Heroku and others set.
-            return "postgresql" + value[len(scheme):]
+            return "postgresql" + value[len(scheme) :]
         # Never echo the value: a database URL usually carries a password.
         raise ConfigError(f"{name}: expected a sqlite:/// or postgresql:// URL")
 
@@ -215,7 +219,9 @@ class _Reader:
             raise ConfigError(f"{name}: expected a JSON object")
         for key, event in parsed.items():
             if event is not None and (not isinstance(event, str) or not event.strip()):
-                raise ConfigError(f"{name}: the name for {key!r} must be a non-empty string or null")
+                raise ConfigError(
+                    f"{name}: the name for {key!r} must be a non-empty string or null"
+                )
         return parsed
 
 

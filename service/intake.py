@@ -1,8 +1,9 @@
 """From mapping results to durable outbox work and the answer's counts."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from service import metrics
 from service.outbox import Store
@@ -17,8 +18,13 @@ class Summary:
     rejected: list[dict] = field(default_factory=list)
 
     def as_json(self) -> dict:
-        return {"success": True, "accepted": self.accepted, "duplicate": self.duplicate,
-                "skipped": self.skipped, "rejected": self.rejected}
+        return {
+            "success": True,
+            "accepted": self.accepted,
+            "duplicate": self.duplicate,
+            "skipped": self.skipped,
+            "rejected": self.rejected,
+        }
 
 
 def record(store: Store, direction: str, results: Sequence[Result], now: float) -> Summary:

@@ -1,6 +1,7 @@
 """Strict JSON for request bodies: UTF-8 only, no NaN or Infinity (Python's json
 accepts them, but JSON, Segment and Vero do not), and any depth of nesting
 refused cleanly rather than by a crash."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ def loads(text: str, max_nesting: int = MAX_NESTING) -> Any | Reject:
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as error:
-        return Reject(f"body is not valid JSON: {error.msg} at line {error.lineno}"
-                      f" column {error.colno}", "bad_json")
+        return Reject(
+            f"body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}",
+            "bad_json",
+        )
     except ValueError as error:
         return Reject(f"body is not valid JSON: {error}", "bad_json")
     except RecursionError:
@@ -36,8 +39,7 @@ def loads(text: str, max_nesting: int = MAX_NESTING) -> Any | Reject:
     # Walking the value costs more than parsing it; an ordinary body can be
     # cleared from its text: fewer brackets than the limit cannot nest past
     # it, and no surrogate escape means no lone surrogate.
-    if (text.count("{") + text.count("[") < max_nesting
-            and not _SURROGATE_ESCAPE.search(text)):
+    if text.count("{") + text.count("[") < max_nesting and not _SURROGATE_ESCAPE.search(text):
         return value
     return _refuse_unusable(value, max_nesting)
 
@@ -66,12 +68,17 @@ def _refuse_unusable(value: Any, max_nesting: int) -> Any | Reject:
         node, depth = pending.pop()
         if isinstance(node, str):
             if _LONE_SURROGATE.search(node):
-                return Reject("body is not valid JSON: a text value is not valid Unicode"
-                              " (unpaired surrogate)", "bad_encoding")
+                return Reject(
+                    "body is not valid JSON: a text value is not valid Unicode"
+                    " (unpaired surrogate)",
+                    "bad_encoding",
+                )
         elif isinstance(node, (dict, list)):
             if depth >= max_nesting:
-                return Reject(f"body is not valid JSON: nested more than {max_nesting} levels deep",
-                              "bad_json")
+                return Reject(
+                    f"body is not valid JSON: nested more than {max_nesting} levels deep",
+                    "bad_json",
+                )
             children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
             pending.extend((child, depth + 1) for child in children)
     return value

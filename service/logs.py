@@ -3,6 +3,7 @@
 The same formatter is given to gunicorn (see gunicorn.conf.py), so every line
 the process writes has one shape and passes through the same redaction.
 """
+
 from __future__ import annotations
 
 import json

@@ -11,11 +11,12 @@ Error messages are predicates ("is required", "must be an object") keyed by
 field, so `validate_message` callers can write "<field> <message>"; messages
 that already start with their field name are whole sentences.
 """
+
 from __future__ import annotations
 
 import functools
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, validates_schema
@@ -39,24 +40,24 @@ def parse_timestamp(value: str) -> datetime:
         raise ValueError("not a string")
     text = value.strip()
     if _YEAR.match(text):
-        return datetime(int(text), 1, 1, tzinfo=timezone.utc)
+        return datetime(int(text), 1, 1, tzinfo=UTC)
     year_month = _YEAR_MONTH.match(text)
     if year_month:
-        return datetime(int(year_month[1]), int(year_month[2]), 1, tzinfo=timezone.utc)
+        return datetime(int(year_month[1]), int(year_month[2]), 1, tzinfo=UTC)
     if text.endswith("z"):
         # RFC 3339 allows a lower-case "z"; fromisoformat does not.
         text = text[:-1] + "Z"
     parsed = datetime.fromisoformat(text)
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return parsed
 
 
 def format_timestamp(moment: datetime) -> str:
     """ISO-8601 in UTC with millisecond precision and a "Z", as Segment writes it."""
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    utc = moment.astimezone(timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
+    utc = moment.astimezone(UTC)
     return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
 
 
@@ -102,16 +103,20 @@ class TimestampField(fields.Field):
         return value
 
 
-_OPTIONAL = {"allow_none": True}
-_MESSAGES = {"required": "is required", "null": "must not be null"}
+_OPTIONAL: dict[str, Any] = {"allow_none": True}
+_MESSAGES: dict[str, Any] = {"required": "is required", "null": "must not be null"}
 
 
 def _object(**kwargs) -> fields.Dict:
-    return fields.Dict(error_messages={**_MESSAGES, "invalid": "must be an object"}, **{**_OPTIONAL, **kwargs})
+    return fields.Dict(
+        error_messages={**_MESSAGES, "invalid": "must be an object"}, **{**_OPTIONAL, **kwargs}
+    )
 
 
 def _string(**kwargs) -> fields.String:
-    return fields.String(error_messages={**_MESSAGES, "invalid": "must be a string"}, **{**_OPTIONAL, **kwargs})
+    return fields.String(
+        error_messages={**_MESSAGES, "invalid": "must be a string"}, **{**_OPTIONAL, **kwargs}
+    )
 
 
 def _id(**kwargs) -> IdField:

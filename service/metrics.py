@@ -6,6 +6,7 @@ before this module is imported). Outbox gauges are not counted at all: they
 are read from the store at scrape time, so they are right whichever worker
 answers and whichever process delivered.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,12 +33,15 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RECEIVED = Counter("vero_bridge_messages_received", "Messages received", ["direction"])
 ACCEPTED = Counter("vero_bridge_messages_accepted", "Messages written to the outbox", ["direction"])
 DUPLICATE = Counter("vero_bridge_messages_duplicate", "Messages seen before", ["direction"])
-SKIPPED = Counter("vero_bridge_messages_skipped", "Messages acknowledged, not forwarded",
-                  ["direction", "reason"])
-REJECTED = Counter("vero_bridge_messages_rejected", "Messages or requests rejected",
-                   ["direction", "reason"])
-DELIVERIES = Counter("vero_bridge_deliveries", "Delivery attempts by outcome",
-                     ["upstream", "result", "status_class"])
+SKIPPED = Counter(
+    "vero_bridge_messages_skipped", "Messages acknowledged, not forwarded", ["direction", "reason"]
+)
+REJECTED = Counter(
+    "vero_bridge_messages_rejected", "Messages or requests rejected", ["direction", "reason"]
+)
+DELIVERIES = Counter(
+    "vero_bridge_deliveries", "Delivery attempts by outcome", ["upstream", "result", "status_class"]
+)
 
 
 class OutboxCollector:
@@ -45,10 +49,14 @@ class OutboxCollector:
         self.store = store
 
     def collect(self):
-        depth = GaugeMetricFamily("vero_bridge_outbox_items", "Outbox items by state",
-                                  labels=["direction", "state"])
-        age = GaugeMetricFamily("vero_bridge_outbox_oldest_pending_age_seconds",
-                                "Age of the oldest pending item", labels=["direction"])
+        depth = GaugeMetricFamily(
+            "vero_bridge_outbox_items", "Outbox items by state", labels=["direction", "state"]
+        )
+        age = GaugeMetricFamily(
+            "vero_bridge_outbox_oldest_pending_age_seconds",
+            "Age of the oldest pending item",
+            labels=["direction"],
+        )
         up = GaugeMetricFamily("vero_bridge_outbox_up", "1 when the outbox store answers")
         now = time.time()
         try:

@@ -3,6 +3,7 @@
 Both directions' mapping functions return exactly one of these, and the intake
 (`service.intake`) turns them into outbox work and the answer's counts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

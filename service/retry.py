@@ -1,10 +1,11 @@
 """What the Vero and Segment clients share: SERVICE.md's rule for which
 answers are worth retrying, and reading `Retry-After`."""
+
 from __future__ import annotations
 
 import math
 import time
-from datetime import timezone
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 # Not Implemented and HTTP Version Not Supported will not change by retrying.
@@ -34,7 +35,7 @@ def retry_after_seconds(header: str | None, now: float | None = None) -> float |
         except (TypeError, ValueError, IndexError):
             return None
         if moment.tzinfo is None:  # HTTP dates are GMT
-            moment = moment.replace(tzinfo=timezone.utc)
+            moment = moment.replace(tzinfo=UTC)
         seconds = moment.timestamp() - (time.time() if now is None else now)
     if not math.isfinite(seconds):
         return None

@@ -1,16 +1,17 @@
 """One process's runtime: its configuration, the outbox store, and (when this
 process delivers) the delivery workers. `init_app` attaches it to the app;
 `get_runtime` is the one way to reach it."""
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
-from service import intake, metrics
 from flask import Flask, current_app
 
+from service import intake, metrics
 from service.config import Config
 from service.outbox import Store
 from service.outbox.delivery import RELEASED, SUCCEEDED, Deliverer, Limits, Outcome, Sender
@@ -29,10 +30,13 @@ class Runtime:
         self.config = config
         self.store = store
         self.deliverer = Deliverer(
-            store, senders,
-            Limits(lease_seconds=config.outbox_lease_seconds,
-                   max_attempts=config.outbox_max_attempts,
-                   max_age_seconds=config.outbox_max_age_hours * 3600),
+            store,
+            senders,
+            Limits(
+                lease_seconds=config.outbox_lease_seconds,
+                max_attempts=config.outbox_max_attempts,
+                max_age_seconds=config.outbox_max_age_hours * 3600,
+            ),
             poll_seconds=config.delivery_poll_seconds,
             on_outcome=count_outcome,
         )
@@ -54,8 +58,9 @@ class Runtime:
 
     def start_delivery(self) -> None:
         self.deliverer.start()
-        self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping",
-                                              daemon=True)
+        self._housekeeping = threading.Thread(
+            target=self._housekeep, name="housekeeping", daemon=True
+        )
         self._housekeeping.start()
 
     def stop_delivery(self, timeout: float = 25.0) -> None:

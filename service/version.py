@@ -1,4 +1,5 @@
 """The package's name and version, as Segment's `context.library` reports them."""
+
 from importlib import metadata
 
 NAME = "vero-bridge"

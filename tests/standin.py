@@ -7,15 +7,17 @@ it. A request counts as *delivered* when the stand-in decided to take it (a 2xx
 answer, or a held answer that was released): a real upstream would have
 processed it even if the client never saw the answer.
 """
+
 from __future__ import annotations
 
 import json
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 from tests.support import free_port
 
@@ -78,12 +80,13 @@ class Upstream:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def start(self) -> "Upstream":
+    def start(self) -> Upstream:
         server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler_for(self))
         server.daemon_threads = True
         server.handle_error = lambda request, address: None  # a client gone is expected
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
+        threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
         self._server = server
         return self
 
@@ -125,8 +128,9 @@ class Upstream:
             if hold is not None and hold(request):
                 return None
             reply = self.reply(request.number, request)
-            request.outcome = (RESET if reply.reset
-                               else DELIVERED if 200 <= reply.status < 300 else REFUSED)
+            request.outcome = (
+                RESET if reply.reset else DELIVERED if 200 <= reply.status < 300 else REFUSED
+            )
             return reply
 
     def _wait_for_release(self, request: Received) -> Reply:

@@ -1,4 +1,5 @@
 """Helpers shared by the tests: the real service under gunicorn, and signing."""
+
 from __future__ import annotations
 
 import hashlib
@@ -39,11 +40,14 @@ class Service:
         self.args = args
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 20.0) -> "Service":
+    def start(self, timeout: float = 20.0) -> Service:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [str(GUNICORN), "wsgi:app", "--bind", f"127.0.0.1:{self.port}", *self.args],
-            cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
@@ -80,7 +84,7 @@ class Service:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
-    def __enter__(self) -> "Service":
+    def __enter__(self) -> Service:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -6,6 +6,7 @@ The app runs with no senders, so stored work stays put; after each request the
 test drains the outbox through the Store interface, which yields exactly the
 items that request stored.
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,13 +18,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from service.messages import TrackSchema
 from service.outbox import DELIVERED, Settlement
 from service.results import Accept, Reject, Skip
-from service.messages import TrackSchema
-from service.vero_to_segment.mapping import MAX_MESSAGE_BYTES, encode_message, event_names_with, map_webhook
-from service.segment_to_vero.mapping import map_message
-from tests.support import sign
 from service.runtime import get_runtime
+from service.segment_to_vero.mapping import map_message
+from service.vero_to_segment.mapping import (
+    MAX_MESSAGE_BYTES,
+    encode_message,
+    event_names_with,
+    map_webhook,
+)
+from tests.support import sign
 
 SHARED_SECRET = "bad-input-shared-secret"
 WEBHOOK_TOKEN = "bad-input-webhook-token"
@@ -35,67 +41,149 @@ LIBRARY = {"name": "vero-bridge", "version": "0.0.0"}
 # The generated oversized bodies make hypothesis warn about their long repr.
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
-SETTINGS = settings(deadline=None, max_examples=120,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                           HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    deadline=None,
+    max_examples=120,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
 
 # ---------------------------------------------------------------------------
 # Strategies
 
 # Lone surrogates arrive as "\ud800" escapes in perfectly valid JSON text.
-_odd_text = st.text(st.sampled_from(["\ud800", "\udfff", "\x00", "\u202e", "é", "💥", "@", " ", "a"]),
-                    max_size=6)
+_odd_text = st.text(
+    st.sampled_from(["\ud800", "\udfff", "\x00", "\u202e", "é", "💥", "@", " ", "a"]), max_size=6
+)
 _text = st.text(max_size=12) | _odd_text
-_scalars = (st.none() | st.booleans() | st.integers(-(10 ** 30), 10 ** 30)
-            | st.floats(allow_nan=False, allow_infinity=False) | _text)
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**30), 10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _text
+)
 json_values = st.recursive(
     _scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
     max_leaves=16,
 )
 _emails = st.sampled_from(["a@example.org", "not-an-email", "x@y", "@example.org", "b@ex.com "])
-_ids = (st.text(max_size=8) | st.integers() | st.floats(allow_nan=False) | st.sampled_from(
-    ["u1", "user@example.org", "", "x" * 255, "y" * 300]) | json_values)
+_ids = (
+    st.text(max_size=8)
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.sampled_from(["u1", "user@example.org", "", "x" * 255, "y" * 300])
+    | json_values
+)
 
 segment_messages = st.fixed_dictionaries(
-    {"type": st.sampled_from(["identify", "track", "page", "screen", "group", "alias", "delete",
-                              "Track", "bogus"]) | json_values},
+    {
+        "type": st.sampled_from(
+            ["identify", "track", "page", "screen", "group", "alias", "delete", "Track", "bogus"]
+        )
+        | json_values
+    },
     optional={
-        "userId": _ids, "anonymousId": _ids, "messageId": _ids, "previousId": _ids, "groupId": _ids,
-        "event": st.sampled_from(["Signed Up", "Unsubscribed", "re_subscribe", "Order Completed", ""])
+        "userId": _ids,
+        "anonymousId": _ids,
+        "messageId": _ids,
+        "previousId": _ids,
+        "groupId": _ids,
+        "event": st.sampled_from(
+            ["Signed Up", "Unsubscribed", "re_subscribe", "Order Completed", ""]
+        )
         | json_values,
-        "properties": st.fixed_dictionaries({}, optional={"products": json_values, "id": _ids,
-                                                          "seq": json_values}) | json_values,
-        "traits": st.fixed_dictionaries({}, optional={"email": _emails | json_values}) | json_values,
-        "context": st.fixed_dictionaries({}, optional={
-            "traits": st.fixed_dictionaries({}, optional={"email": _emails}) | json_values,
-            "integration": st.fixed_dictionaries({"name": st.sampled_from(["vero", "VERO", "x"])}),
-            "device": json_values, "os": json_values, "userAgent": json_values,
-            "page": json_values}) | json_values,
-        "integrations": st.fixed_dictionaries({}, optional={
-            "Vero": st.booleans() | st.fixed_dictionaries({}, optional={"tags": json_values}) | json_values,
-            "All": st.booleans(), "vero": json_values}) | json_values,
-        "timestamp": st.sampled_from(["2014", "2023-11-14T22:13:20Z", "yesterday", "9999-99-99"]) | json_values,
-        "originalTimestamp": json_values, "name": json_values, "category": json_values,
+        "properties": st.fixed_dictionaries(
+            {}, optional={"products": json_values, "id": _ids, "seq": json_values}
+        )
+        | json_values,
+        "traits": st.fixed_dictionaries({}, optional={"email": _emails | json_values})
+        | json_values,
+        "context": st.fixed_dictionaries(
+            {},
+            optional={
+                "traits": st.fixed_dictionaries({}, optional={"email": _emails}) | json_values,
+                "integration": st.fixed_dictionaries(
+                    {"name": st.sampled_from(["vero", "VERO", "x"])}
+                ),
+                "device": json_values,
+                "os": json_values,
+                "userAgent": json_values,
+                "page": json_values,
+            },
+        )
+        | json_values,
+        "integrations": st.fixed_dictionaries(
+            {},
+            optional={
+                "Vero": st.booleans()
+                | st.fixed_dictionaries({}, optional={"tags": json_values})
+                | json_values,
+                "All": st.booleans(),
+                "vero": json_values,
+            },
+        )
+        | json_values,
+        "timestamp": st.sampled_from(["2014", "2023-11-14T22:13:20Z", "yesterday", "9999-99-99"])
+        | json_values,
+        "originalTimestamp": json_values,
+        "name": json_values,
+        "category": json_values,
     },
 )
 
-_vero_types = st.sampled_from(["sent", "delivered", "opened", "clicked", "bounced", "unsubscribed",
-                               "complained", "converted", "failed", "resubscribed", "user_created",
-                               "user_updated", "nope"])
+_vero_types = st.sampled_from(
+    [
+        "sent",
+        "delivered",
+        "opened",
+        "clicked",
+        "bounced",
+        "unsubscribed",
+        "complained",
+        "converted",
+        "failed",
+        "resubscribed",
+        "user_created",
+        "user_updated",
+        "nope",
+    ]
+)
 vero_webhooks = st.builds(
-    lambda kind, extra, at: {"type": kind, **({f"{kind}_at": at} if isinstance(kind, str) else {}), **extra},
+    lambda kind, extra, at: {
+        "type": kind,
+        **({f"{kind}_at": at} if isinstance(kind, str) else {}),
+        **extra,
+    },
     _vero_types | json_values,
-    st.fixed_dictionaries({}, optional={
-        "user": st.fixed_dictionaries({}, optional={"id": _ids, "email": _emails | json_values})
-        | json_values,
-        "campaign": st.fixed_dictionaries({}, optional={
-            "id": _ids, "name": json_values, "subject": json_values, "trigger-event": json_values,
-            "tags": json_values}) | json_values,
-        "message_id": _ids, "user_agent": json_values, "link_url": json_values,
-        "bounce_type": json_values, "action": _vero_types | json_values,
-    }),
-    st.integers(-(10 ** 12), 10 ** 12) | st.floats(allow_nan=False) | json_values,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "user": st.fixed_dictionaries({}, optional={"id": _ids, "email": _emails | json_values})
+            | json_values,
+            "campaign": st.fixed_dictionaries(
+                {},
+                optional={
+                    "id": _ids,
+                    "name": json_values,
+                    "subject": json_values,
+                    "trigger-event": json_values,
+                    "tags": json_values,
+                },
+            )
+            | json_values,
+            "message_id": _ids,
+            "user_agent": json_values,
+            "link_url": json_values,
+            "bounce_type": json_values,
+            "action": _vero_types | json_values,
+        },
+    ),
+    st.integers(-(10**12), 10**12) | st.floats(allow_nan=False) | json_values,
 )
 
 
@@ -113,21 +201,43 @@ _broken_bodies = st.one_of(
     st.binary(max_size=64),
     st.binary(max_size=32).map(lambda tail: b'{"type": "track", "userId": "\xff' + tail),
     st.just(b"\xef\xbb\xbf{}"),
-    st.sampled_from([b"", b"   ", b"null", b"[]", b'{"batch": []}', b'{"batch": {}}', b"NaN",
-                     b'{"type": "track", "userId": "u", "event": "e", "properties": {"x": NaN}}',
-                     b"[" + b"1" * 5000 + b"]", b'{"a": 1', b"%7B%7D", b"type=track"]),
+    st.sampled_from(
+        [
+            b"",
+            b"   ",
+            b"null",
+            b"[]",
+            b'{"batch": []}',
+            b'{"batch": {}}',
+            b"NaN",
+            b'{"type": "track", "userId": "u", "event": "e", "properties": {"x": NaN}}',
+            b"[" + b"1" * 5000 + b"]",
+            b'{"a": 1',
+            b"%7B%7D",
+            b"type=track",
+        ]
+    ),
     st.integers(1, 3000).map(_deep),
-    st.integers(1, 3000).map(lambda depth: b'{"type": "track", "userId": "u", "event": "e", '
-                                           b'"properties": ' + _deep(depth) + b"}"),
+    st.integers(1, 3000).map(
+        lambda depth: (
+            b'{"type": "track", "userId": "u", "event": "e", "properties": ' + _deep(depth) + b"}"
+        )
+    ),
     st.integers(MAX_BODY_BYTES - 100, MAX_BODY_BYTES + 100).map(
-        lambda size: b'{"type": "track", "userId": "u", "event": "e", "properties": {"x": "'
-                     + b"x" * size + b'"}}'),
+        lambda size: (
+            b'{"type": "track", "userId": "u", "event": "e", "properties": {"x": "'
+            + b"x" * size
+            + b'"}}'
+        )
+    ),
 )
 
 
 def _segment_bodies():
-    batch = st.fixed_dictionaries({"batch": st.lists(segment_messages | json_values, max_size=4)},
-                                  optional={"context": json_values, "integrations": json_values})
+    batch = st.fixed_dictionaries(
+        {"batch": st.lists(segment_messages | json_values, max_size=4)},
+        optional={"context": json_values, "integrations": json_values},
+    )
     return st.one_of(
         segment_messages.map(_raw),
         st.lists(segment_messages | json_values, max_size=4).map(_raw),
@@ -152,20 +262,28 @@ def _webhook_bodies():
 
 
 @SETTINGS
-@given(message=json_values | segment_messages, allow_anonymous=st.booleans(),
-       received_at=st.floats(0, 4e9))
+@given(
+    message=json_values | segment_messages,
+    allow_anonymous=st.booleans(),
+    received_at=st.floats(0, 4e9),
+)
 def test_map_message_decides_anything_without_raising(message, allow_anonymous, received_at):
     result = map_message(message, allow_anonymous=allow_anonymous, received_at=received_at)
     assert isinstance(result, (Accept, Skip, Reject))
 
 
 @SETTINGS
-@given(webhook=json_values | vero_webhooks,
-       overrides=st.dictionaries(_vero_types, st.none() | st.sampled_from(["Renamed", "E"]), max_size=3),
-       received_at=st.floats(0, 4e9))
+@given(
+    webhook=json_values | vero_webhooks,
+    overrides=st.dictionaries(
+        _vero_types, st.none() | st.sampled_from(["Renamed", "E"]), max_size=3
+    ),
+    received_at=st.floats(0, 4e9),
+)
 def test_map_webhook_decides_anything_without_raising(webhook, overrides, received_at):
-    result = map_webhook(webhook, event_names=event_names_with(overrides), library=LIBRARY,
-                         received_at=received_at)
+    result = map_webhook(
+        webhook, event_names=event_names_with(overrides), library=LIBRARY, received_at=received_at
+    )
     assert isinstance(result, (Accept, Skip, Reject))
 
 
@@ -175,14 +293,17 @@ def test_map_webhook_decides_anything_without_raising(webhook, overrides, receiv
 
 @pytest.fixture
 def app(make_app):
-    return make_app({
-        "VERO_AUTH_TOKEN": "bad-input-vero-token",
-        "SEGMENT_SHARED_SECRET": SHARED_SECRET,
-        "SEGMENT_WRITE_KEY": "bad-input-write-key",
-        "VERO_WEBHOOK_TOKEN": WEBHOOK_TOKEN,
-        "MAX_BODY_BYTES": str(MAX_BODY_BYTES),
-        "LOG_LEVEL": "WARNING",
-    }, senders=[])
+    return make_app(
+        {
+            "VERO_AUTH_TOKEN": "bad-input-vero-token",
+            "SEGMENT_SHARED_SECRET": SHARED_SECRET,
+            "SEGMENT_WRITE_KEY": "bad-input-write-key",
+            "VERO_WEBHOOK_TOKEN": WEBHOOK_TOKEN,
+            "MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+            "LOG_LEVEL": "WARNING",
+        },
+        senders=[],
+    )
 
 
 def drain(store, direction: str) -> list[dict]:
@@ -195,8 +316,13 @@ def drain(store, direction: str) -> list[dict]:
         if not items:
             return payloads
         payloads.extend(item.payload for item in items)
-        store.settle([Settlement(item, DELIVERED, now, None, item.progress, item.attempts)
-                      for item in items], now)
+        store.settle(
+            [
+                Settlement(item, DELIVERED, now, None, item.progress, item.attempts)
+                for item in items
+            ],
+            now,
+        )
     raise AssertionError("the outbox never ran dry")
 
 
@@ -231,11 +357,22 @@ def check_answer(app, direction: str, answer, check_payload) -> None:
         assert answer.json["error"]
 
 
-_segment_routes = st.sampled_from(["/segment", "/v1/identify", "/v1/track", "/v1/page", "/v1/screen",
-                                   "/v1/group", "/v1/alias", "/v1/batch"])
+_segment_routes = st.sampled_from(
+    [
+        "/segment",
+        "/v1/identify",
+        "/v1/track",
+        "/v1/page",
+        "/v1/screen",
+        "/v1/group",
+        "/v1/alias",
+        "/v1/batch",
+    ]
+)
 _basic = lambda user: "Basic " + base64.b64encode(user.encode()).decode()  # noqa: E731
-_authorizations = st.sampled_from(["basic", "signature", "signature", "none", "wrong basic",
-                                   "wrong signature", "garbage"])
+_authorizations = st.sampled_from(
+    ["basic", "signature", "signature", "none", "wrong basic", "wrong signature", "garbage"]
+)
 
 
 def _segment_headers(how: str, body: bytes, noise: str) -> dict[str, str]:
@@ -256,10 +393,16 @@ _header_noise = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_
 
 
 @SETTINGS
-@given(route=_segment_routes, body=_segment_bodies(), how=_authorizations, noise=_header_noise,
-       content_type=st.sampled_from(["application/json", "text/plain", ""]))
+@given(
+    route=_segment_routes,
+    body=_segment_bodies(),
+    how=_authorizations,
+    noise=_header_noise,
+    content_type=st.sampled_from(["application/json", "text/plain", ""]),
+)
 def test_direction_a_answers_every_body_without_error_and_stores_only_valid_work(
-        app, route, body, how, noise, content_type):
+    app, route, body, how, noise, content_type
+):
     client = app.test_client()
     headers = _segment_headers(how, body, noise)
     answer = client.post(route, data=body, headers=headers, content_type=content_type or None)
@@ -271,19 +414,28 @@ def test_direction_a_answers_every_body_without_error_and_stores_only_valid_work
     check_answer(app, A, answer, assert_valid_vero_work)
 
 
-_tokens = st.just(WEBHOOK_TOKEN) | st.just(WEBHOOK_TOKEN.upper()) | st.text(
-    st.characters(codec="utf-8", exclude_characters="/%.?#"), min_size=1, max_size=20)
+_tokens = (
+    st.just(WEBHOOK_TOKEN)
+    | st.just(WEBHOOK_TOKEN.upper())
+    | st.text(st.characters(codec="utf-8", exclude_characters="/%.?#"), min_size=1, max_size=20)
+)
 
 
 @SETTINGS
-@given(token=_tokens, body=_webhook_bodies(),
-       content_type=st.sampled_from(["application/json", "application/x-www-form-urlencoded",
-                                     "multipart/form-data", ""]))
+@given(
+    token=_tokens,
+    body=_webhook_bodies(),
+    content_type=st.sampled_from(
+        ["application/json", "application/x-www-form-urlencoded", "multipart/form-data", ""]
+    ),
+)
 def test_direction_b_answers_every_body_without_error_and_stores_only_valid_work(
-        app, token, body, content_type):
+    app, token, body, content_type
+):
     client = app.test_client()
-    answer = client.post("/vero/webhooks/" + quote(token, safe=""), data=body,
-                         content_type=content_type or None)
+    answer = client.post(
+        "/vero/webhooks/" + quote(token, safe=""), data=body, content_type=content_type or None
+    )
     if token != WEBHOOK_TOKEN:
         assert answer.status_code == 401
     check_answer(app, B, answer, assert_valid_segment_work)

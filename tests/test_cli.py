@@ -1,11 +1,12 @@
 """The operator commands, through Flask's CLI runner on a real store."""
+
 import json
 import time
 
-from service.outbox.delivery import FAILED, Outcome, settle, Limits
+from service.outbox.delivery import FAILED, Limits, Outcome, settle
 from service.results import Accept
-from tests.test_outbox import ScriptedSender
 from service.runtime import get_runtime
+from tests.test_outbox import ScriptedSender
 
 A = "segment_to_vero"
 
@@ -19,11 +20,24 @@ def seed(app, failing=("m2",)):
     """Three messages: m1 delivered, m2 dead, m3 waiting."""
     store = get_runtime(app).store
     now = time.time()
-    store.enqueue(A, [Accept("m1", "u1", {"key": "m1"}), Accept("m2", "u2", {"key": "m2"})], now - 60)
+    store.enqueue(
+        A, [Accept("m1", "u1", {"key": "m1"}), Accept("m2", "u2", {"key": "m2"})], now - 60
+    )
     items = store.claim(A, 10, 30, now)
-    store.settle([settle(item, Outcome(FAILED, "POST /users/track answered 400", "4xx")
-                         if item.payload["key"] in failing else Outcome("succeeded"), now, Limits())
-                  for item in items], now)
+    store.settle(
+        [
+            settle(
+                item,
+                Outcome(FAILED, "POST /users/track answered 400", "4xx")
+                if item.payload["key"] in failing
+                else Outcome("succeeded"),
+                now,
+                Limits(),
+            )
+            for item in items
+        ],
+        now,
+    )
     store.enqueue(A, [Accept("m3", "u3", {"key": "m3"})], now - 10)
     return store
 

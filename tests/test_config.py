@@ -19,10 +19,16 @@ def test_defaults_match_the_spec():
     assert config.database_url is None and config.vero_event_names == {}
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1:8080/api/v2", "https://api.getvero.com/api/v2/", "http://localhost:9",
-    "http://[::1]:8080/v1", "https://events.eu1.segmentapis.com/v1",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/api/v2",
+        "https://api.getvero.com/api/v2/",
+        "http://localhost:9",
+        "http://[::1]:8080/v1",
+        "https://events.eu1.segmentapis.com/v1",
+    ],
+)
 def test_valid_urls_are_accepted(url):
     assert Config.from_env({"VERO_API_URL": url}).vero_api_url == url.rstrip("/")
 
@@ -32,15 +38,26 @@ def test_a_small_body_limit_is_allowed():
 
 
 def test_every_variable_is_read():
-    config = Config.from_env({
-        "VERO_TRACKING_API_KEY": "tk", "VERO_API_URL": "http://127.0.0.1:9/api/v2/",
-        "VERO_ALLOW_ANONYMOUS": "true", "SEGMENT_SHARED_SECRET": "s", "SEGMENT_WRITE_KEY": "w",
-        "SEGMENT_API_URL": "https://events.eu1.segmentapis.com/v1", "VERO_WEBHOOK_TOKEN": "t",
-        "VERO_EVENT_NAMES": '{"unsubscribed": "Unsubscribed", "sent": null}',
-        "DATABASE_URL": "postgres://u:p@db:5432/x", "PORT": "5000", "MAX_BODY_BYTES": "2048",
-        "OUTBOX_LEASE_SECONDS": "12.5", "OUTBOX_MAX_ATTEMPTS": "3", "OUTBOX_MAX_AGE_HOURS": "1",
-        "OUTBOX_RETENTION_HOURS": "24", "DELIVERY_IN_WEB": "false",
-    })
+    config = Config.from_env(
+        {
+            "VERO_TRACKING_API_KEY": "tk",
+            "VERO_API_URL": "http://127.0.0.1:9/api/v2/",
+            "VERO_ALLOW_ANONYMOUS": "true",
+            "SEGMENT_SHARED_SECRET": "s",
+            "SEGMENT_WRITE_KEY": "w",
+            "SEGMENT_API_URL": "https://events.eu1.segmentapis.com/v1",
+            "VERO_WEBHOOK_TOKEN": "t",
+            "VERO_EVENT_NAMES": '{"unsubscribed": "Unsubscribed", "sent": null}',
+            "DATABASE_URL": "postgres://u:p@db:5432/x",
+            "PORT": "5000",
+            "MAX_BODY_BYTES": "2048",
+            "OUTBOX_LEASE_SECONDS": "12.5",
+            "OUTBOX_MAX_ATTEMPTS": "3",
+            "OUTBOX_MAX_AGE_HOURS": "1",
+            "OUTBOX_RETENTION_HOURS": "24",
+            "DELIVERY_IN_WEB": "false",
+        }
+    )
     assert config.vero_credential == ("tracking_api_key", "tk")
     assert config.vero_api_url == "http://127.0.0.1:9/api/v2"
     assert config.vero_allow_anonymous and not config.delivery_in_web
@@ -52,33 +69,36 @@ def test_every_variable_is_read():
     assert Config.from_env({"VERO_AUTH_TOKEN": "a"}).vero_credential == ("auth_token", "a")
 
 
-@pytest.mark.parametrize("env, variable", [
-    ({"VERO_AUTH_TOKEN": "a", "VERO_TRACKING_API_KEY": "b"}, "VERO_AUTH_TOKEN"),
-    ({"VERO_API_URL": "not a url"}, "VERO_API_URL"),
-    ({"VERO_API_URL": "ftp://example.org"}, "VERO_API_URL"),
-    ({"SEGMENT_API_URL": "https://host:notaport/v1"}, "SEGMENT_API_URL"),
-    ({"VERO_EVENT_NAMES": "[1, 2]"}, "VERO_EVENT_NAMES"),
-    ({"VERO_EVENT_NAMES": "{not json"}, "VERO_EVENT_NAMES"),
-    ({"VERO_EVENT_NAMES": '{"sent": 5}'}, "VERO_EVENT_NAMES"),
-    ({"DATABASE_URL": "mysql://u:hunter2@h/db"}, "DATABASE_URL"),
-    ({"DATABASE_URL": "sqlite://relative.db"}, "DATABASE_URL"),
-    ({"PORT": "eighty"}, "PORT"),
-    ({"PORT": "70000"}, "PORT"),
-    ({"MAX_BODY_BYTES": "-1"}, "MAX_BODY_BYTES"),
-    ({"MAX_BODY_BYTES": "0"}, "MAX_BODY_BYTES"),
-    ({"VERO_API_URL": "https://exa mple.com"}, "VERO_API_URL"),
-    ({"VERO_API_URL": "https://ho_st!/api"}, "VERO_API_URL"),
-    ({"VERO_API_URL": "https://-/"}, "VERO_API_URL"),
-    ({"SEGMENT_API_URL": "https://api.segment.io/v1?x=1"}, "SEGMENT_API_URL"),
-    ({"SEGMENT_API_URL": "https://api.segment.io/v1#frag"}, "SEGMENT_API_URL"),
-    ({"OUTBOX_LEASE_SECONDS": "0"}, "OUTBOX_LEASE_SECONDS"),
-    ({"OUTBOX_MAX_ATTEMPTS": "many"}, "OUTBOX_MAX_ATTEMPTS"),
-    ({"OUTBOX_MAX_AGE_HOURS": "nan"}, "OUTBOX_MAX_AGE_HOURS"),
-    ({"OUTBOX_RETENTION_HOURS": "-5"}, "OUTBOX_RETENTION_HOURS"),
-    ({"DELIVERY_IN_WEB": "maybe"}, "DELIVERY_IN_WEB"),
-    ({"OUTBOX_POOL_SIZE": "lots"}, "OUTBOX_POOL_SIZE"),
-    ({"VERO_ALLOW_ANONYMOUS": "2"}, "VERO_ALLOW_ANONYMOUS"),
-])
+@pytest.mark.parametrize(
+    "env, variable",
+    [
+        ({"VERO_AUTH_TOKEN": "a", "VERO_TRACKING_API_KEY": "b"}, "VERO_AUTH_TOKEN"),
+        ({"VERO_API_URL": "not a url"}, "VERO_API_URL"),
+        ({"VERO_API_URL": "ftp://example.org"}, "VERO_API_URL"),
+        ({"SEGMENT_API_URL": "https://host:notaport/v1"}, "SEGMENT_API_URL"),
+        ({"VERO_EVENT_NAMES": "[1, 2]"}, "VERO_EVENT_NAMES"),
+        ({"VERO_EVENT_NAMES": "{not json"}, "VERO_EVENT_NAMES"),
+        ({"VERO_EVENT_NAMES": '{"sent": 5}'}, "VERO_EVENT_NAMES"),
+        ({"DATABASE_URL": "mysql://u:hunter2@h/db"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite://relative.db"}, "DATABASE_URL"),
+        ({"PORT": "eighty"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"MAX_BODY_BYTES": "-1"}, "MAX_BODY_BYTES"),
+        ({"MAX_BODY_BYTES": "0"}, "MAX_BODY_BYTES"),
+        ({"VERO_API_URL": "https://exa mple.com"}, "VERO_API_URL"),
+        ({"VERO_API_URL": "https://ho_st!/api"}, "VERO_API_URL"),
+        ({"VERO_API_URL": "https://-/"}, "VERO_API_URL"),
+        ({"SEGMENT_API_URL": "https://api.segment.io/v1?x=1"}, "SEGMENT_API_URL"),
+        ({"SEGMENT_API_URL": "https://api.segment.io/v1#frag"}, "SEGMENT_API_URL"),
+        ({"OUTBOX_LEASE_SECONDS": "0"}, "OUTBOX_LEASE_SECONDS"),
+        ({"OUTBOX_MAX_ATTEMPTS": "many"}, "OUTBOX_MAX_ATTEMPTS"),
+        ({"OUTBOX_MAX_AGE_HOURS": "nan"}, "OUTBOX_MAX_AGE_HOURS"),
+        ({"OUTBOX_RETENTION_HOURS": "-5"}, "OUTBOX_RETENTION_HOURS"),
+        ({"DELIVERY_IN_WEB": "maybe"}, "DELIVERY_IN_WEB"),
+        ({"OUTBOX_POOL_SIZE": "lots"}, "OUTBOX_POOL_SIZE"),
+        ({"VERO_ALLOW_ANONYMOUS": "2"}, "VERO_ALLOW_ANONYMOUS"),
+    ],
+)
 def test_an_invalid_value_names_its_variable(env, variable):
     with pytest.raises(ConfigError) as raised:
         Config.from_env(env)
@@ -89,8 +109,15 @@ def test_an_invalid_value_names_its_variable(env, variable):
 
 def test_the_service_stops_at_start_with_one_line_naming_the_variable():
     env = {"PATH": "/usr/bin:/bin", "VERO_EVENT_NAMES": "[]"}
-    result = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", "import wsgi"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 4
     assert result.stderr.strip().splitlines() == [
-        "vero-bridge: invalid configuration: VERO_EVENT_NAMES: expected a JSON object"]
+        "vero-bridge: invalid configuration: VERO_EVENT_NAMES: expected a JSON object"
+    ]

@@ -1,5 +1,6 @@
 """The service as deployed: gunicorn started from the repository root with only
 the environment SERVICE.md names."""
+
 import json
 import os
 import subprocess
@@ -20,12 +21,18 @@ def test_gunicorn_serves_health_readiness_and_metrics(tmp_path):
         assert requests.get(service.url + "/readyz", timeout=5).json() == {"status": "ready"}
         metrics = requests.get(service.url + "/metrics", timeout=5)
         assert metrics.status_code == 200
-        assert 'vero_bridge_outbox_items{direction="segment_to_vero",state="pending"} 0.0' in metrics.text
+        assert (
+            'vero_bridge_outbox_items{direction="segment_to_vero",state="pending"} 0.0'
+            in metrics.text
+        )
         # Both directions unconfigured: 503, counted in whichever worker answered.
         for _ in range(4):
             assert requests.post(service.url + "/segment", json={}, timeout=5).status_code == 503
         metrics = requests.get(service.url + "/metrics", timeout=5).text
-        assert 'vero_bridge_messages_rejected_total{direction="segment_to_vero",reason="not_configured"} 4.0' in metrics
+        assert (
+            'vero_bridge_messages_rejected_total{direction="segment_to_vero",reason="not_configured"} 4.0'
+            in metrics
+        )
     assert service.proc.returncode == 0
     lines = service.logs().splitlines()
     entries = [json.loads(line) for line in lines if line.startswith("{")]
@@ -55,22 +62,28 @@ def test_readyz_is_503_with_the_reason_when_the_store_cannot_be_written(tmp_path
 
 def test_invalid_configuration_stops_gunicorn_with_one_line(tmp_path):
     env = {"PATH": os.environ["PATH"], "VERO_AUTH_TOKEN": "a", "VERO_TRACKING_API_KEY": "b"}
-    result = subprocess.run([str(GUNICORN), "wsgi:app"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(GUNICORN), "wsgi:app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     assert (result.stdout + result.stderr).strip().splitlines() == [
         "vero-bridge: invalid configuration: VERO_AUTH_TOKEN: set either VERO_AUTH_TOKEN"
-        " or VERO_TRACKING_API_KEY, not both"]
+        " or VERO_TRACKING_API_KEY, not both"
+    ]
 
 
 def test_the_outbox_commands_run_against_the_configured_store(tmp_path):
     env = {"PATH": os.environ["PATH"], "DATABASE_URL": f"sqlite:///{tmp_path}/outbox.db"}
     flask = [sys.executable, "-m", "flask", "--app", "wsgi", "outbox"]
     for command in (["status"], ["dead"], ["replay", "--all"], ["purge"]):
-        result = subprocess.run(flask + command, cwd=ROOT, env=env, capture_output=True,
-                                text=True, timeout=60)
+        result = subprocess.run(
+            flask + command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0, result.stderr
-    status = subprocess.run(flask + ["status", "--json"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=60)
+    status = subprocess.run(
+        [*flask, "status", "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert [row["direction"] for row in json.loads(status.stdout)] == [
-        "segment_to_vero", "vero_to_segment"]
+        "segment_to_vero",
+        "vero_to_segment",
+    ]

@@ -2,6 +2,7 @@
 processes, delivery in the web processes, a SQLite outbox) receives Vero
 webhooks over HTTP and delivers them to a pytest-httpserver stand-in for
 Segment's HTTP API."""
+
 import base64
 import json
 import secrets
@@ -21,8 +22,13 @@ AT = 1700000000
 
 
 def webhook(event_type: str, user: str, n: int) -> dict:
-    return {"type": event_type, f"{event_type}_at": AT + n, "user": {"id": user},
-            "campaign": {"id": 9, "name": "Onboarding"}, "message_id": f"m-{user}"}
+    return {
+        "type": event_type,
+        f"{event_type}_at": AT + n,
+        "user": {"id": user},
+        "campaign": {"id": 9, "name": "Onboarding"},
+        "message_id": f"m-{user}",
+    }
 
 
 def test_webhooks_reach_segment_exactly_once_in_batches_with_the_write_key(httpserver, tmp_path):
@@ -51,10 +57,12 @@ def test_webhooks_reach_segment_exactly_once_in_batches_with_the_write_key(https
             assert (response.status_code, response.json()["accepted"]) == (200, 1), event_type
             expected[(f"user-{n}", EVENT_NAMES[event_type], f"2023-11-14T22:13:{20 + n}.000Z")] += 1
         # Acknowledged, never forwarded.
-        for payload in ({"type": "user_created", "user": {"id": "x"}},
-                        {"type": "user_updated", "user": {"id": "x"}},
-                        {"action": "user_updated", "user": {"id": "x"}},
-                        {"type": "something_new", "user": {"id": "x"}}):
+        for payload in (
+            {"type": "user_created", "user": {"id": "x"}},
+            {"type": "user_updated", "user": {"id": "x"}},
+            {"action": "user_updated", "user": {"id": "x"}},
+            {"type": "something_new", "user": {"id": "x"}},
+        ):
             response = post(payload)
             assert (response.status_code, response.json()["skipped"]) == (200, 1), payload
         # The documented example, then Vero retrying it: delivered once.
@@ -66,8 +74,12 @@ def test_webhooks_reach_segment_exactly_once_in_batches_with_the_write_key(https
         for n in range(50):
             expected[(f"burst-{n}", "Email Delivered", "2023-11-14T22:13:20.000Z")] += 1
         # Refused at the door, so never forwarded.
-        assert requests.post(f"{service.url}/vero/webhooks/not-{token}", json=EXAMPLE,
-                             timeout=10).status_code == 401
+        assert (
+            requests.post(
+                f"{service.url}/vero/webhooks/not-{token}", json=EXAMPLE, timeout=10
+            ).status_code
+            == 401
+        )
         assert post({"type": "opened", "user": {}}).status_code == 400
 
         total = sum(expected.values()) + 1  # and the example
@@ -84,7 +96,9 @@ def test_webhooks_reach_segment_exactly_once_in_batches_with_the_write_key(https
     messages = [message for batch in batches for message in batch["batch"]]
     example = [m for m in messages if m.get("userId") == EXAMPLE["user"]["id"]]
     assert example == [EXAMPLE_TRACK]
-    others = Counter((m["userId"], m["event"], m["timestamp"]) for m in messages if m not in example)
+    others = Counter(
+        (m["userId"], m["event"], m["timestamp"]) for m in messages if m not in example
+    )
     assert others == expected  # each exactly once, and nothing else
     assert len({m["messageId"] for m in messages}) == len(messages)
 

@@ -10,6 +10,7 @@ stand-ins received:
 - per user, no call arrived before the user's earlier one was delivered;
 - a Segment message kept its messageId on every attempt.
 """
+
 from __future__ import annotations
 
 import base64
@@ -29,7 +30,8 @@ import requests
 
 from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING, open_store
 from tests.conftest import wait_for
-from tests.standin import CONNECTION_RESET, DELIVERED as TAKEN, OK, Received, Reply, Upstream
+from tests.standin import CONNECTION_RESET, OK, Received, Reply, Upstream
+from tests.standin import DELIVERED as TAKEN
 from tests.support import ROOT, Service, sign
 
 pytestmark = pytest.mark.e2e
@@ -60,8 +62,9 @@ def segment_messages(run: str, first: int, count: int) -> list[dict]:
             if seq % 2:
                 messages.append({"type": "identify", "traits": {"seq": seq}, **common})
             else:
-                messages.append({"type": "track", "event": "Fault Step",
-                                 "properties": {"seq": seq}, **common})
+                messages.append(
+                    {"type": "track", "event": "Fault Step", "properties": {"seq": seq}, **common}
+                )
     return messages
 
 
@@ -72,14 +75,20 @@ def vero_webhooks(run: str, first: int, count: int) -> list[dict]:
     for seq in range(first, first + count):
         for user in USERS:
             kind = "opened" if seq % 2 else "delivered"
-            webhooks.append({"type": kind, f"{kind}_at": 1_700_000_000 + seq,
-                             "user": {"id": user}, "campaign": {"id": 7, "name": "Faults"},
-                             "message_id": f"{run}|{user}|{seq}"})
+            webhooks.append(
+                {
+                    "type": kind,
+                    f"{kind}_at": 1_700_000_000 + seq,
+                    "user": {"id": user},
+                    "campaign": {"id": 7, "name": "Faults"},
+                    "message_id": f"{run}|{user}|{seq}",
+                }
+            )
     return webhooks
 
 
 def chunks(items: list, size: int) -> list[list]:
-    return [items[start:start + size] for start in range(0, len(items), size)]
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def post_segment(base_url: str, messages: list[dict]) -> None:
@@ -87,14 +96,21 @@ def post_segment(base_url: str, messages: list[dict]) -> None:
     route with Basic auth, and the webhook route with a signed array."""
     for number, chunk in enumerate(chunks(messages, 8)):
         if number % 2:
-            answer = requests.post(base_url + "/v1/batch", json={"batch": chunk},
-                                   auth=(SHARED_SECRET, ""), timeout=10)
+            answer = requests.post(
+                base_url + "/v1/batch", json={"batch": chunk}, auth=(SHARED_SECRET, ""), timeout=10
+            )
         else:
             first = json.dumps(chunk[0])
             body = ("[" + ",".join([first] + [json.dumps(m) for m in chunk[1:]]) + "]").encode()
-            answer = requests.post(base_url + "/segment", data=body, timeout=10,
-                                   headers={"Content-Type": "application/json",
-                                            "X-Signature": sign(first.encode(), SHARED_SECRET)})
+            answer = requests.post(
+                base_url + "/segment",
+                data=body,
+                timeout=10,
+                headers={
+                    "Content-Type": "application/json",
+                    "X-Signature": sign(first.encode(), SHARED_SECRET),
+                },
+            )
         assert_accepted(answer, len(chunk))
 
 
@@ -112,7 +128,12 @@ def post_webhooks(base_url: str, webhooks: list[dict]) -> None:
 def assert_accepted(answer: requests.Response, count: int) -> None:
     assert answer.status_code == 200, answer.text
     body = answer.json()
-    assert (body["accepted"], body["duplicate"], body["skipped"], body["rejected"]) == (count, 0, 0, [])
+    assert (body["accepted"], body["duplicate"], body["skipped"], body["rejected"]) == (
+        count,
+        0,
+        0,
+        [],
+    )
 
 
 def post_both(base_url: str, run: str, first: int, count: int) -> None:
@@ -144,8 +165,10 @@ def segment_requests(received: list[Received]) -> list[list[tuple[str, int, str,
     requests = []
     for request in received:
         assert request.path.endswith("/batch")
-        assert request.headers["Authorization"] == "Basic " + base64.b64encode(
-            f"{WRITE_KEY}:".encode()).decode()
+        assert (
+            request.headers["Authorization"]
+            == "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+        )
         attempts = []
         for message in request.json["batch"]:
             _, user, seq = message["properties"]["email_id"].split("|")
@@ -180,7 +203,7 @@ def check_order(requests) -> None:
     first = min(seq for request in requests for _, seq, _, _ in request)
     for request in requests:
         ahead: dict[str, set[int]] = defaultdict(set)
-        for user, seq, outcome, _ in request:
+        for user, seq, _outcome, _ in request:
             missing = set(range(first, seq)) - done[user] - ahead[user]
             assert not missing, f"{user} #{seq} was sent before #{min(missing)} was delivered"
             ahead[user].add(seq)
@@ -203,8 +226,10 @@ def check_all(vero: Upstream, segment: Upstream, wanted: set, allowed_extra=(0, 
     copies per direction, which must not exceed `allowed_extra`."""
     results = []
     vero_units = [[attempt] for attempt in vero_attempts(vero.snapshot())]
-    for units, allowed in ((vero_units, allowed_extra[0]),
-                           (segment_requests(segment.snapshot()), allowed_extra[1])):
+    for units, allowed in (
+        (vero_units, allowed_extra[0]),
+        (segment_requests(segment.snapshot()), allowed_extra[1]),
+    ):
         attempts = [attempt for unit in units for attempt in unit]
         assert delivered(attempts) == wanted
         check_order(units)
@@ -222,16 +247,20 @@ def drained(store_url: str, total: int) -> bool:
         counts = store.counts(time.time())
     finally:
         store.close()
-    return all(counts.get((direction, DELIVERED), 0) == total
-               and not any(counts.get((direction, state), 0) for state in (PENDING, IN_FLIGHT, DEAD))
-               for direction in (A, B))
+    return all(
+        counts.get((direction, DELIVERED), 0) == total
+        and not any(counts.get((direction, state), 0) for state in (PENDING, IN_FLIGHT, DEAD))
+        for direction in (A, B)
+    )
 
 
 def wait_until_delivered(store_url: str, vero: Upstream, segment: Upstream, wanted: set) -> None:
     def done() -> bool:
-        return (drained(store_url, len(wanted))
-                and wanted <= delivered(vero_attempts(vero.snapshot()))
-                and wanted <= delivered(segment_attempts(segment.snapshot())))
+        return (
+            drained(store_url, len(wanted))
+            and wanted <= delivered(vero_attempts(vero.snapshot()))
+            and wanted <= delivered(segment_attempts(segment.snapshot()))
+        )
 
     deadline = time.monotonic() + DELIVERY_TIMEOUT
     while not done():
@@ -241,9 +270,11 @@ def wait_until_delivered(store_url: str, vero: Upstream, segment: Upstream, want
             store.close()
             missing_a = wanted - delivered(vero_attempts(vero.snapshot()))
             missing_b = wanted - delivered(segment_attempts(segment.snapshot()))
-            pytest.fail(f"not delivered within {DELIVERY_TIMEOUT}s: outbox {counts}; "
-                        f"missing at Vero {sorted(missing_a)[:5]} ({len(missing_a)}), "
-                        f"at Segment {sorted(missing_b)[:5]} ({len(missing_b)})")
+            pytest.fail(
+                f"not delivered within {DELIVERY_TIMEOUT}s: outbox {counts}; "
+                f"missing at Vero {sorted(missing_a)[:5]} ({len(missing_a)}), "
+                f"at Segment {sorted(missing_b)[:5]} ({len(missing_b)})"
+            )
         time.sleep(0.1)
 
 
@@ -359,9 +390,19 @@ def test_nothing_is_lost_while_upstreams_are_down(store_url, upstreams, tmp_path
         post_both(service.url, run, 3, 3)
         # Down means the service tried and could not connect, in both directions.
         for upstream in ("vero", "segment"):
-            wait_for(lambda: metric(service.url, "vero_bridge_deliveries_total", upstream=upstream,
-                                    result="failed", status_class="network") >= 2,
-                     timeout=DELIVERY_TIMEOUT)
+            wait_for(
+                lambda upstream=upstream: (
+                    metric(
+                        service.url,
+                        "vero_bridge_deliveries_total",
+                        upstream=upstream,
+                        result="failed",
+                        status_class="network",
+                    )
+                    >= 2
+                ),
+                timeout=DELIVERY_TIMEOUT,
+            )
         vero.start()
         segment.start()
         post_both(service.url, run, 6, 3)
@@ -374,7 +415,8 @@ def test_nothing_is_lost_while_upstreams_are_down(store_url, upstreams, tmp_path
 
 
 def test_a_service_killed_mid_delivery_loses_nothing_and_repeats_only_work_in_flight(
-        store_url, upstreams, tmp_path):
+    store_url, upstreams, tmp_path
+):
     vero, segment = upstreams
     run = uuid.uuid4().hex[:8]
     # A short lease, so the killed service's claims expire quickly; long enough
@@ -389,8 +431,10 @@ def test_a_service_killed_mid_delivery_loses_nothing_and_repeats_only_work_in_fl
         wait_for(lambda: vero.held() and segment.held(), timeout=DELIVERY_TIMEOUT, interval=0.01)
         first.kill()
         killed_at = time.time()
-    held = {A: {(u, s) for u, s, *_ in vero_attempts(vero.held())},
-            B: {(u, s) for u, s, *_ in segment_attempts(segment.held())}}
+    held = {
+        A: {(u, s) for u, s, *_ in vero_attempts(vero.held())},
+        B: {(u, s) for u, s, *_ in segment_attempts(segment.held())},
+    }
     flying = in_flight(store_url, killed_at)
     # The upstreams now take what they held: the service never heard so.
     vero.release()
@@ -411,7 +455,8 @@ def test_a_service_killed_mid_delivery_loses_nothing_and_repeats_only_work_in_fl
 
 @pytest.mark.postgres
 def test_two_instances_and_a_worker_share_postgres_and_the_worker_stops_gracefully(
-        postgres_url, upstreams, tmp_path):
+    postgres_url, upstreams, tmp_path
+):
     vero, segment = upstreams
     run = uuid.uuid4().hex[:8]
     # One instance delivers in its web processes; the other only answers, and
@@ -419,12 +464,17 @@ def test_two_instances_and_a_worker_share_postgres_and_the_worker_stops_graceful
     # under /worker, so its calls can be told apart (and held).
     web = service_env(postgres_url, vero.url, segment.url)
     answer_only = service_env(postgres_url, vero.url, segment.url, DELIVERY_IN_WEB="false")
-    worker_env = {**answer_only, "VERO_API_URL": vero.url + "/worker",
-                  "SEGMENT_API_URL": segment.url + "/worker"}
+    worker_env = {
+        **answer_only,
+        "VERO_API_URL": vero.url + "/worker",
+        "SEGMENT_API_URL": segment.url + "/worker",
+    }
     from_worker = lambda request: request.path.startswith("/worker/")  # noqa: E731
 
-    with running(Service(answer_only, tmp_path / "answer-only.log")) as two, \
-            worker_process(worker_env, tmp_path / "worker.log") as worker:
+    with (
+        running(Service(answer_only, tmp_path / "answer-only.log")) as two,
+        worker_process(worker_env, tmp_path / "worker.log") as worker,
+    ):
         # Both delivering processes at work on one outbox, fed by both instances.
         with running(Service(web, tmp_path / "web.log")) as one:
             post_both(one.url, run, 0, 1)
@@ -436,8 +486,11 @@ def test_two_instances_and_a_worker_share_postgres_and_the_worker_stops_graceful
         vero.hold(from_worker)
         segment.hold(from_worker)
         post_both(two.url, run, 3, 4)
-        wait_for(lambda: vero.held(from_worker) and segment.held(from_worker),
-                 timeout=DELIVERY_TIMEOUT, interval=0.01)
+        wait_for(
+            lambda: vero.held(from_worker) and segment.held(from_worker),
+            timeout=DELIVERY_TIMEOUT,
+            interval=0.01,
+        )
         worker.send_signal(signal.SIGTERM)
         time.sleep(0.2)  # let the signal land while the calls are out
         vero.release()
@@ -459,9 +512,14 @@ def test_two_instances_and_a_worker_share_postgres_and_the_worker_stops_graceful
 def worker_process(env: dict, log_path: Path):
     """`flask --app wsgi outbox deliver`, the Procfile's worker line."""
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([str(FLASK), "--app", "wsgi", "outbox", "deliver"], cwd=ROOT,
-                                env={**env, "PATH": str(FLASK.parent) + ":/usr/bin:/bin"},
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(FLASK), "--app", "wsgi", "outbox", "deliver"],
+            cwd=ROOT,
+            env={**env, "PATH": str(FLASK.parent) + ":/usr/bin:/bin"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             yield proc
         finally:

@@ -2,6 +2,7 @@
 of the logs at the default level: checked on the real service under gunicorn
 (with gunicorn's own access log on), against upstreams whose error answers
 echo everything they were sent, credential and personal data included."""
+
 from __future__ import annotations
 
 import base64
@@ -35,15 +36,21 @@ def secret(name: str) -> str:
 def forms(value: str) -> set[str]:
     """The spellings a leak could take: as is, JSON-escaped, URL-quoted, and as
     the user name of an HTTP Basic header."""
-    return {value, json.dumps(value)[1:-1], quote(value, safe=""), quote(value),
-            base64.b64encode(f"{value}:".encode()).decode().rstrip("=")}
+    return {
+        value,
+        json.dumps(value)[1:-1],
+        quote(value, safe=""),
+        quote(value),
+        base64.b64encode(f"{value}:".encode()).decode().rstrip("="),
+    }
 
 
 def echo_everything(number: int, request) -> Reply:
     """An upstream that repeats the request (body, credential, headers) in its
     error answer: first a retryable 500, then a permanent 400."""
-    echo = json.dumps({"you_sent": request.body.decode("utf-8", "replace"),
-                       "headers": request.headers}).encode()
+    echo = json.dumps(
+        {"you_sent": request.body.decode("utf-8", "replace"), "headers": request.headers}
+    ).encode()
     return Reply(500 if number == 1 else 400, {"Retry-After": "0"}, echo)
 
 
@@ -58,31 +65,51 @@ def upstreams():
 @pytest.mark.parametrize("credential", ["VERO_AUTH_TOKEN", "VERO_TRACKING_API_KEY"])
 def test_no_secret_and_no_email_reaches_logs_errors_or_answers(credential, upstreams, tmp_path):
     vero, segment = upstreams
-    secrets = {name: secret(name) for name in (credential, "SEGMENT_SHARED_SECRET", "SEGMENT_WRITE_KEY")}
+    secrets = {
+        name: secret(name) for name in (credential, "SEGMENT_SHARED_SECRET", "SEGMENT_WRITE_KEY")
+    }
     # A path segment: no "/", which a URL could only carry as %2F.
     secrets["VERO_WEBHOOK_TOKEN"] = secret("VERO_WEBHOOK_TOKEN").replace("/", "~")
     emails = [f"person-{uuid.uuid4().hex[:8]}@example.org" for _ in range(4)]
     store_url = f"sqlite:///{tmp_path}/outbox.db"
-    env = {**secrets, "DATABASE_URL": store_url, "VERO_API_URL": vero.url,
-           "SEGMENT_API_URL": segment.url, "WEB_CONCURRENCY": "2", "DELIVERY_POLL_SECONDS": "0.05"}
+    env = {
+        **secrets,
+        "DATABASE_URL": store_url,
+        "VERO_API_URL": vero.url,
+        "SEGMENT_API_URL": segment.url,
+        "WEB_CONCURRENCY": "2",
+        "DELIVERY_POLL_SECONDS": "0.05",
+    }
     shared, token = secrets["SEGMENT_SHARED_SECRET"], secrets["VERO_WEBHOOK_TOKEN"]
     answers: list[requests.Response] = []
 
     with Service(env, tmp_path / "service.log", ("--access-logfile", "-")) as service:
+
         def post(path: str, body: object, **kwargs) -> requests.Response:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            answer = requests.post(service.url + path, data=data, timeout=10,
-                                   headers={"Content-Type": "application/json",
-                                            **kwargs.pop("headers", {})}, **kwargs)
+            answer = requests.post(
+                service.url + path,
+                data=data,
+                timeout=10,
+                headers={"Content-Type": "application/json", **kwargs.pop("headers", {})},
+                **kwargs,
+            )
             answers.append(answer)
             return answer
 
         # Direction A: accepted messages carrying emails, both ways of signing.
         identify = {"type": "identify", "userId": "u1", "traits": {"email": emails[0]}}
-        track = {"type": "track", "userId": "u2", "event": "Signed Up",
-                 "context": {"traits": {"email": emails[1]}}}
+        track = {
+            "type": "track",
+            "userId": "u2",
+            "event": "Signed Up",
+            "context": {"traits": {"email": emails[1]}},
+        }
         signed = json.dumps(identify).encode()
-        assert post("/segment", signed, headers={"X-Signature": sign(signed, shared)}).status_code == 200
+        assert (
+            post("/segment", signed, headers={"X-Signature": sign(signed, shared)}).status_code
+            == 200
+        )
         assert post("/v1/track", track, auth=(shared, "")).status_code == 200
         # Refused ones: a bad signature, the write key offered as the secret, an
         # invalid message holding an email.
@@ -92,15 +119,23 @@ def test_no_secret_and_no_email_reaches_logs_errors_or_answers(credential, upstr
         assert post("/v1/identify", invalid, auth=(shared, "")).status_code == 400
 
         # Direction B: the token travels in the path, right and wrong.
-        webhook = {"type": "opened", "opened_at": 1_700_000_000, "message_id": "m1",
-                   "user": {"id": "u3", "email": emails[2]}, "campaign": {"id": 1}}
+        webhook = {
+            "type": "opened",
+            "opened_at": 1_700_000_000,
+            "message_id": "m1",
+            "user": {"id": "u3", "email": emails[2]},
+            "campaign": {"id": 1},
+        }
         assert post(f"/vero/webhooks/{quote(token, safe='')}", webhook).status_code == 200
         assert post(f"/vero/webhooks/{quote(token, safe='')}x", webhook).status_code == 401
         no_user = {"type": "clicked", "user": {"email": f"not valid {emails[3]}"}, "campaign": "x"}
         assert post(f"/vero/webhooks/{quote(token, safe='')}", no_user).status_code == 400
-        answers.append(requests.get(f"{service.url}/vero/webhooks/{quote(token, safe='')}", timeout=10))
-        answers.append(requests.post(f"{service.url}/vero/webhooks/{quote(token, safe='')}/more",
-                                     timeout=10))
+        answers.append(
+            requests.get(f"{service.url}/vero/webhooks/{quote(token, safe='')}", timeout=10)
+        )
+        answers.append(
+            requests.post(f"{service.url}/vero/webhooks/{quote(token, safe='')}/more", timeout=10)
+        )
         answers.append(requests.get(service.url + "/metrics", timeout=10))
 
         # Both upstreams echo the credential back, first retryably, then for good.
@@ -114,7 +149,8 @@ def test_no_secret_and_no_email_reaches_logs_errors_or_answers(credential, upstr
     assert "Vero delivery failed" in logs
     assert "Segment refused a batch" in logs
     seen_by_users = "\n".join(
-        [answer.text + json.dumps(dict(answer.headers)) for answer in answers] + [dead_listing])
+        [answer.text + json.dumps(dict(answer.headers)) for answer in answers] + [dead_listing]
+    )
     for name, value in secrets.items():
         for form in forms(value):
             assert form not in logs, f"{name} reached the logs"
@@ -129,24 +165,41 @@ def dead_in_both_directions(store_url: str) -> bool:
         counts = store.counts(time.time())
     finally:
         store.close()
-    return (counts.get(("segment_to_vero", DEAD), 0) >= 2
-            and counts.get(("vero_to_segment", DEAD), 0) >= 1)
+    return (
+        counts.get(("segment_to_vero", DEAD), 0) >= 2
+        and counts.get(("vero_to_segment", DEAD), 0) >= 1
+    )
 
 
 def outbox_command(env: dict, *args: str) -> str:
-    result = subprocess.run([str(FLASK), "--app", "wsgi", "outbox", *args], cwd=ROOT,
-                            env={**env, "PATH": str(FLASK.parent) + ":/usr/bin:/bin"},
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(FLASK), "--app", "wsgi", "outbox", *args],
+        cwd=ROOT,
+        env={**env, "PATH": str(FLASK.parent) + ":/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout + result.stderr
 
 
 def test_a_configuration_error_names_the_variable_but_never_a_secret(tmp_path):
     token, key = secret("VERO_AUTH_TOKEN"), secret("VERO_TRACKING_API_KEY")
-    env = {"VERO_AUTH_TOKEN": token, "VERO_TRACKING_API_KEY": key,
-           "DATABASE_URL": f"sqlite:///{tmp_path}/outbox.db", "PATH": str(GUNICORN.parent) + ":/usr/bin:/bin"}
-    result = subprocess.run([str(GUNICORN), "wsgi:app", "--bind", "127.0.0.1:0"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    env = {
+        "VERO_AUTH_TOKEN": token,
+        "VERO_TRACKING_API_KEY": key,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/outbox.db",
+        "PATH": str(GUNICORN.parent) + ":/usr/bin:/bin",
+    }
+    result = subprocess.run(
+        [str(GUNICORN), "wsgi:app", "--bind", "127.0.0.1:0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "VERO_AUTH_TOKEN" in output

@@ -46,14 +46,22 @@ def test_readyz_turns_503_when_a_working_store_breaks(make_app, tmp_path):
 def test_the_request_id_is_returned_and_a_safe_given_one_kept(make_app):
     client = make_app().test_client()
     assert len(client.get("/healthz").headers["X-Request-ID"]) == 32
-    assert client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"
+    assert (
+        client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"]
+        == "abc-123"
+    )
     unsafe = "<script>" * 20
-    assert client.get("/healthz", headers={"X-Request-ID": unsafe}).headers["X-Request-ID"] != unsafe
+    assert (
+        client.get("/healthz", headers={"X-Request-ID": unsafe}).headers["X-Request-ID"] != unsafe
+    )
 
 
 def test_unknown_routes_and_methods_answer_json(make_app):
     client = make_app().test_client()
-    assert (client.get("/nope").status_code, client.get("/nope").json) == (404, {"error": "not found"})
+    assert (client.get("/nope").status_code, client.get("/nope").json) == (
+        404,
+        {"error": "not found"},
+    )
     assert client.get("/segment").status_code == 405
 
 
@@ -75,7 +83,9 @@ def test_metrics_expose_counters_and_outbox_gauges_from_the_store(make_app, sqli
     app = make_app()
     # Another process's work, written straight to the shared store, shows too.
     other = open_store(sqlite_url)
-    other.enqueue("segment_to_vero", [Accept("k1", "u1", {}), Accept("k2", "u2", {})], time.time() - 30)
+    other.enqueue(
+        "segment_to_vero", [Accept("k1", "u1", {}), Accept("k2", "u2", {})], time.time() - 30
+    )
     other.claim("segment_to_vero", 1, 30, time.time())
     other.close()
 
@@ -83,8 +93,13 @@ def test_metrics_expose_counters_and_outbox_gauges_from_the_store(make_app, sqli
     assert response.status_code == 200
     assert response.content_type.startswith("text/plain; version=0.0.4")
     text = response.get_data(as_text=True)
-    assert metric(text, "vero_bridge_outbox_items", direction="segment_to_vero", state="pending") == 1
-    assert metric(text, "vero_bridge_outbox_items", direction="segment_to_vero", state="in_flight") == 1
+    assert (
+        metric(text, "vero_bridge_outbox_items", direction="segment_to_vero", state="pending") == 1
+    )
+    assert (
+        metric(text, "vero_bridge_outbox_items", direction="segment_to_vero", state="in_flight")
+        == 1
+    )
     assert metric(text, "vero_bridge_outbox_items", direction="vero_to_segment", state="dead") == 0
     age = metric(text, "vero_bridge_outbox_oldest_pending_age_seconds", direction="segment_to_vero")
     assert 29 <= age < 120
@@ -93,13 +108,22 @@ def test_metrics_expose_counters_and_outbox_gauges_from_the_store(make_app, sqli
 
 def test_metrics_count_requests_refused_by_direction_and_reason(make_app):
     client = make_app().test_client()
-    before = metric(client.get("/metrics").get_data(as_text=True),
-                    "vero_bridge_messages_rejected_total", direction="vero_to_segment",
-                    reason="not_configured") or 0
+    before = (
+        metric(
+            client.get("/metrics").get_data(as_text=True),
+            "vero_bridge_messages_rejected_total",
+            direction="vero_to_segment",
+            reason="not_configured",
+        )
+        or 0
+    )
     assert client.post("/vero/webhooks/x", data=json.dumps({})).status_code == 503
-    after = metric(client.get("/metrics").get_data(as_text=True),
-                   "vero_bridge_messages_rejected_total", direction="vero_to_segment",
-                   reason="not_configured")
+    after = metric(
+        client.get("/metrics").get_data(as_text=True),
+        "vero_bridge_messages_rejected_total",
+        direction="vero_to_segment",
+        reason="not_configured",
+    )
     assert after == before + 1
 
 
@@ -123,12 +147,22 @@ def test_metrics_count_accepted_messages_and_deliveries(make_app):
 
     accepted = scrape("vero_bridge_messages_accepted_total", direction="segment_to_vero")
     duplicate = scrape("vero_bridge_messages_duplicate_total", direction="segment_to_vero")
-    delivered = scrape("vero_bridge_deliveries_total", upstream="vero", result="succeeded",
-                       status_class="2xx")
-    runtime.accept("segment_to_vero", [Accept("m1", "u1", {"key": "m1"}),
-                                      Accept("m1", "u1", {"key": "m1"})])
+    delivered = scrape(
+        "vero_bridge_deliveries_total", upstream="vero", result="succeeded", status_class="2xx"
+    )
+    runtime.accept(
+        "segment_to_vero", [Accept("m1", "u1", {"key": "m1"}), Accept("m1", "u1", {"key": "m1"})]
+    )
     assert runtime.deliverer.run_once("segment_to_vero") == 1
-    assert scrape("vero_bridge_messages_accepted_total", direction="segment_to_vero") == accepted + 1
-    assert scrape("vero_bridge_messages_duplicate_total", direction="segment_to_vero") == duplicate + 1
-    assert scrape("vero_bridge_deliveries_total", upstream="vero", result="succeeded",
-                  status_class="2xx") == delivered + 1
+    assert (
+        scrape("vero_bridge_messages_accepted_total", direction="segment_to_vero") == accepted + 1
+    )
+    assert (
+        scrape("vero_bridge_messages_duplicate_total", direction="segment_to_vero") == duplicate + 1
+    )
+    assert (
+        scrape(
+            "vero_bridge_deliveries_total", upstream="vero", result="succeeded", status_class="2xx"
+        )
+        == delivered + 1
+    )

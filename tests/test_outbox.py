@@ -2,6 +2,7 @@
 
 Time is passed in explicitly, so leases, backoff and retention are tested
 without waiting."""
+
 from __future__ import annotations
 
 import threading
@@ -42,6 +43,7 @@ def finish(store, items, outcome, now=T0, limits=LIMITS):
 
 # -- de-duplication -----------------------------------------------------------
 
+
 def test_enqueue_reports_duplicates_per_item_and_stores_each_key_once(store):
     assert store.enqueue(A, [work("m1"), work("m2"), work("m1")], T0) == [True, True, False]
     assert store.enqueue(A, [work("m2", note="changed")], T0) == [False]
@@ -59,9 +61,11 @@ def test_a_duplicate_of_delivered_work_is_still_recognised(store):
 
 # -- claims, leases and per-user order ---------------------------------------
 
+
 def test_claim_hands_out_one_item_per_user_oldest_first(store):
-    store.enqueue(A, [work("a1", "alice"), work("b1", "bob"), work("a2", "alice"),
-                      work("c1", "carol")], T0)
+    store.enqueue(
+        A, [work("a1", "alice"), work("b1", "bob"), work("a2", "alice"), work("c1", "carol")], T0
+    )
     assert claim_keys(store) == ["a1", "b1", "c1"]
     # While alice's first item is out, her second waits.
     assert claim_keys(store) == []
@@ -78,8 +82,9 @@ def claim_runs(store, now=T0, limit=10):
 
 
 def test_a_run_claim_takes_each_users_due_items_oldest_first(store):
-    store.enqueue(B, [work("a1", "alice"), work("b1", "bob"), work("a2", "alice"),
-                      work("a3", "alice")], T0)
+    store.enqueue(
+        B, [work("a1", "alice"), work("b1", "bob"), work("a2", "alice"), work("a3", "alice")], T0
+    )
     assert claim_runs(store) == ["a1", "b1", "a2", "a3"]
     store.enqueue(B, [work("a4", "alice"), work("c1", "carol")], T0)
     # alice's earlier items are out: her new one waits; carol's goes.
@@ -89,8 +94,13 @@ def test_a_run_claim_takes_each_users_due_items_oldest_first(store):
 def test_a_run_stops_at_an_item_backing_off(store):
     store.enqueue(B, [work("a1", "alice"), work("a2", "alice")], T0)
     first, second = store.claim(B, 10, 30, T0, whole_runs=True)
-    store.settle([settle(first, Outcome(RETRY, "503", "5xx", retry_after=60), T0, LIMITS),
-                  settle(second, RELEASE, T0, LIMITS)], T0)
+    store.settle(
+        [
+            settle(first, Outcome(RETRY, "503", "5xx", retry_after=60), T0, LIMITS),
+            settle(second, RELEASE, T0, LIMITS),
+        ],
+        T0,
+    )
     assert claim_runs(store, T0 + 1) == []
     assert claim_runs(store, T0 + 61) == ["a1", "a2"]
 
@@ -158,6 +168,7 @@ def test_progress_is_kept_between_attempts(store):
 
 # -- backoff, retry and dead-letter ------------------------------------------
 
+
 def test_backoff_doubles_from_one_second_to_an_hour_with_jitter():
     lowest = [backoff(n, rand=lambda: 0.0) for n in range(1, 15)]
     highest = [backoff(n, rand=lambda: 1.0) for n in range(1, 15)]
@@ -210,14 +221,21 @@ def test_work_is_dead_lettered_past_the_age_limit(store):
 def test_a_permanent_failure_is_dead_lettered_at_once_with_its_reason(store):
     store.enqueue(A, [work("m1"), work("m2", "bob")], T0)
     items = store.claim(A, 10, 30, T0)
-    store.settle([settle(items[0], Outcome(FAILED, "POST /users/track answered 400", "4xx"), T0, LIMITS),
-                  settle(items[1], Outcome(SUCCEEDED), T0, LIMITS)], T0)
-    assert [(item.id, item.direction, item.order_key, item.error) for item in store.dead(None, 10)] == [
-        (items[0].id, A, "u1", "POST /users/track answered 400")]
+    store.settle(
+        [
+            settle(items[0], Outcome(FAILED, "POST /users/track answered 400", "4xx"), T0, LIMITS),
+            settle(items[1], Outcome(SUCCEEDED), T0, LIMITS),
+        ],
+        T0,
+    )
+    assert [
+        (item.id, item.direction, item.order_key, item.error) for item in store.dead(None, 10)
+    ] == [(items[0].id, A, "u1", "POST /users/track answered 400")]
     assert store.dead(B, 10) == []
 
 
 # -- replay and purge -----------------------------------------------------------
+
 
 def test_replay_puts_dead_work_back_with_fresh_attempts(store):
     store.enqueue(A, [work("m1"), work("m2", "bob")], T0)
@@ -234,8 +252,13 @@ def test_replay_puts_dead_work_back_with_fresh_attempts(store):
 def test_purge_removes_only_delivered_work_past_retention(store):
     store.enqueue(A, [work("old"), work("dead", "bob")], T0)
     items = {item.payload["key"]: item for item in store.claim(A, 10, 30, T0)}
-    store.settle([settle(items["old"], Outcome(SUCCEEDED), T0, LIMITS),
-                  settle(items["dead"], Outcome(FAILED, "400", "4xx"), T0, LIMITS)], T0)
+    store.settle(
+        [
+            settle(items["old"], Outcome(SUCCEEDED), T0, LIMITS),
+            settle(items["dead"], Outcome(FAILED, "400", "4xx"), T0, LIMITS),
+        ],
+        T0,
+    )
     store.enqueue(A, [work("recent", "dave")], T0 + 100)
     finish(store, store.claim(A, 10, 30, T0 + 100), Outcome(SUCCEEDED), now=T0 + 100)
     store.enqueue(A, [work("waiting", "carol")], T0 + 100)
@@ -259,6 +282,7 @@ def test_check_passes_on_a_writable_store(store):
 
 
 # -- the delivery loop ------------------------------------------------------------
+
 
 class ScriptedSender:
     """A sender whose upstream answers are scripted per key: the plug-in point
@@ -297,7 +321,9 @@ def test_run_once_claims_sends_and_settles(store):
     assert deliverer.run_once(A) == 0
     assert sender.sent == ["m1", "m2", "m3"]
     assert {key: value for key, value in store.counts(time.time()).items()} == {
-        (A, DELIVERED): 2, (A, DEAD): 1}
+        (A, DELIVERED): 2,
+        (A, DEAD): 1,
+    }
 
 
 def test_a_sender_that_crashes_loses_nothing(store):

@@ -4,6 +4,7 @@ The store semantics every store shares are in test_outbox.py, which runs on
 PostgreSQL too (see the store_url fixture). Here two stores with pools of their
 own stand in for two processes, and threads make them race.
 """
+
 from __future__ import annotations
 
 import socket
@@ -55,7 +56,7 @@ def run_threads(targets, timeout: float = 60.0) -> None:
         try:
             barrier.wait()
             target()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             failures.append(exc)
 
     threads = [threading.Thread(target=run, args=(target,), daemon=True) for target in targets]
@@ -111,10 +112,14 @@ def unfinished(store) -> int:
 
 # -- concurrent claims ---------------------------------------------------------
 
+
 def test_concurrent_claimers_never_take_the_same_item_or_a_users_second_item(stores):
     users, per_user = 50, 4
-    stores[0].enqueue(A, [work(f"{u}-{n}", f"user{u}") for n in range(per_user)
-                          for u in range(users)], time.time())
+    stores[0].enqueue(
+        A,
+        [work(f"{u}-{n}", f"user{u}") for n in range(per_user) for u in range(users)],
+        time.time(),
+    )
     taken: list = []
     lock = threading.Lock()
 
@@ -160,12 +165,16 @@ def deliver_until_done(store, ledger: Ledger, done: threading.Event):
 
 def test_one_users_items_go_out_one_at_a_time_in_order_under_concurrent_settlers(stores):
     users, per_user = 12, 10
-    stores[0].enqueue(A, [work(f"{u}-{n}", f"user{u}") for u in range(users)
-                          for n in range(per_user)], time.time())
+    stores[0].enqueue(
+        A,
+        [work(f"{u}-{n}", f"user{u}") for u in range(users) for n in range(per_user)],
+        time.time(),
+    )
     ledger, done = Ledger(), threading.Event()
 
-    run_threads([lambda s=store: deliver_until_done(s, ledger, done)
-                 for store in stores for _ in range(3)])
+    run_threads(
+        [lambda s=store: deliver_until_done(s, ledger, done) for store in stores for _ in range(3)]
+    )
 
     assert ledger.overlaps == []
     for user, ids in ledger.claimed.items():
@@ -199,7 +208,10 @@ def deliver_runs_until_done(store, ledger: Ledger, finished: dict, done: threadi
                 with ledger.lock:
                     finished[item.order_key].append(item.id)
         now = time.time()
-        settlements = [settle(item, outcome, now, LIMITS) for item, outcome in zip(items, outcomes)]
+        settlements = [
+            settle(item, outcome, now, LIMITS)
+            for item, outcome in zip(items, outcomes, strict=True)
+        ]
         for item in items:
             ledger.returning(item)
         store.settle(settlements, now)
@@ -207,12 +219,20 @@ def deliver_runs_until_done(store, ledger: Ledger, finished: dict, done: threadi
 
 def test_run_claims_from_two_processes_keep_each_users_items_in_order(stores):
     users, per_user = 12, 10
-    stores[0].enqueue(B, [work(f"{u}-{n}", f"user{u}") for u in range(users)
-                          for n in range(per_user)], time.time())
+    stores[0].enqueue(
+        B,
+        [work(f"{u}-{n}", f"user{u}") for u in range(users) for n in range(per_user)],
+        time.time(),
+    )
     ledger, done, finished = Ledger(), threading.Event(), defaultdict(list)
 
-    run_threads([lambda s=store: deliver_runs_until_done(s, ledger, finished, done)
-                 for store in stores for _ in range(3)])
+    run_threads(
+        [
+            lambda s=store: deliver_runs_until_done(s, ledger, finished, done)
+            for store in stores
+            for _ in range(3)
+        ]
+    )
 
     assert ledger.overlaps == []
     for user, ids in finished.items():
@@ -226,7 +246,9 @@ def waiting_on_locks(url, application_name) -> int:
     with psycopg.connect(url) as conn:
         (count,) = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND application_name = %s", (application_name,)).fetchone()
+            " AND application_name = %s",
+            (application_name,),
+        ).fetchone()
     return count
 
 
@@ -251,13 +273,21 @@ def overtake_attempt(stores, postgres_url, waiting) -> None:
     with psycopg.connect(postgres_url) as blocker:
         blocker.execute(
             "INSERT INTO outbox (direction, dedup_key, order_key, payload, available_at,"
-            " created_at, updated_at) VALUES (%s, 'held', 'v', '{}', 0, 0, 0)", (A,))
-        slow = threading.Thread(target=lambda: results.update(slow=stores[0].enqueue(
-            A, [work("first", "u"), work("held", "v")], time.time())))
+            " created_at, updated_at) VALUES (%s, 'held', 'v', '{}', 0, 0, 0)",
+            (A,),
+        )
+        slow = threading.Thread(
+            target=lambda: results.update(
+                slow=stores[0].enqueue(A, [work("first", "u"), work("held", "v")], time.time())
+            )
+        )
         slow.start()
         wait_for(lambda: waiting() == 1)
-        later = threading.Thread(target=lambda: results.update(later=stores[1].enqueue(
-            A, [work("second", "u")], time.time())))
+        later = threading.Thread(
+            target=lambda: results.update(
+                later=stores[1].enqueue(A, [work("second", "u")], time.time())
+            )
+        )
         later.start()
         wait_for(lambda: not later.is_alive() or waiting() == 2)
 
@@ -270,13 +300,16 @@ def overtake_attempt(stores, postgres_url, waiting) -> None:
     first = stores[1].claim(A, 10, LEASE, time.time())
     assert sorted(item.payload["key"] for item in first) == ["first", "held"]
     assert stores[0].claim(A, 10, LEASE, time.time()) == []
-    stores[0].settle([settle(item, Outcome(SUCCEEDED), time.time(), LIMITS) for item in first],
-                     time.time())
+    stores[0].settle(
+        [settle(item, Outcome(SUCCEEDED), time.time(), LIMITS) for item in first], time.time()
+    )
     assert [item.payload["key"] for item in stores[0].claim(A, 10, LEASE, time.time())] == [
-        "second"]
+        "second"
+    ]
 
 
 # -- the schema -------------------------------------------------------------------
+
 
 def schema_version_rows(url):
     with psycopg.connect(url) as conn:
@@ -307,14 +340,21 @@ store.close()
 
 def test_processes_starting_at_once_create_the_schema_once(postgres_url):
     start_at = str(time.time() + 2)
-    processes = [subprocess.Popen([sys.executable, "-c", STARTER, postgres_url, start_at],
-                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", STARTER, postgres_url, start_at],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
     errors = [process.communicate(timeout=60)[1] for process in processes]
     assert [process.returncode for process in processes] == [0] * 6, errors
     assert schema_version_rows(postgres_url) == [(1,)]
 
 
 # -- configuration and failures -------------------------------------------------
+
 
 def test_the_postgres_url_form_reaches_the_same_outbox(postgres_url):
     short_form = "postgres://" + postgres_url.split("://", 1)[1]
@@ -352,11 +392,13 @@ def test_an_unreachable_server_gives_store_errors_without_the_password():
     url = unreachable_url()
     store = PostgresStore(url)  # opening connects nothing yet
     try:
-        calls = [lambda: store.check(time.time()),
-                 lambda: store.enqueue(A, [work("m1", "u1")], time.time()),
-                 lambda: store.claim(A, 10, LEASE, time.time()),
-                 lambda: store.counts(time.time()),
-                 lambda: store.dead(None, 10)]
+        calls = [
+            lambda: store.check(time.time()),
+            lambda: store.enqueue(A, [work("m1", "u1")], time.time()),
+            lambda: store.claim(A, 10, LEASE, time.time()),
+            lambda: store.counts(time.time()),
+            lambda: store.dead(None, 10),
+        ]
         for call in calls:
             with pytest.raises(StoreError) as raised:
                 call()

@@ -1,6 +1,7 @@
 """The Segment sender on its own: packing under Segment's limits, the exact
 requests it makes, and how each answer becomes an outcome. Real HTTP against a
 pytest-httpserver stand-in for Segment; items are made by hand, no store."""
+
 import base64
 import json
 import logging
@@ -15,6 +16,7 @@ from werkzeug import Response
 from service.config import Config
 from service.outbox import Item
 from service.outbox.delivery import FAILED, RELEASED, RETRY, SUCCEEDED
+from service.vero_to_segment.mapping import MAX_MESSAGE_BYTES, encode_message
 from service.vero_to_segment.sender import (
     MAX_REQUEST_BYTES,
     MAX_REQUEST_MESSAGES,
@@ -26,7 +28,6 @@ from service.vero_to_segment.sender import (
     retry_after_seconds,
     sent_at,
 )
-from service.vero_to_segment.mapping import MAX_MESSAGE_BYTES, encode_message
 
 WRITE_KEY = "wk_test_3f9a1c"
 
@@ -56,9 +57,16 @@ def sized(n: int, size: int) -> dict:
 
 
 def item(n: int, msg: dict | None = None) -> Item:
-    return Item(id=n, direction="vero_to_segment", order_key=f"u{n}",
-                payload={"message": msg if msg is not None else message(n)},
-                attempts=1, progress=0, created_at=time.time(), lease="lease")
+    return Item(
+        id=n,
+        direction="vero_to_segment",
+        order_key=f"u{n}",
+        payload={"message": msg if msg is not None else message(n)},
+        attempts=1,
+        progress=0,
+        created_at=time.time(),
+        lease="lease",
+    )
 
 
 @pytest.fixture
@@ -120,8 +128,11 @@ def test_pack_gives_a_message_too_large_for_any_request_one_of_its_own():
 def test_the_body_is_the_documented_envelope_around_the_exact_message_bytes():
     messages = [encode_message(message(1)), encode_message({"text": "héllo"})]
     body = batch_body(messages, "2023-11-14T22:13:20.000Z", WRITE_KEY)
-    assert json.loads(body) == {"batch": [message(1), {"text": "héllo"}],
-                                "sentAt": "2023-11-14T22:13:20.000Z", "writeKey": WRITE_KEY}
+    assert json.loads(body) == {
+        "batch": [message(1), {"text": "héllo"}],
+        "sentAt": "2023-11-14T22:13:20.000Z",
+        "writeKey": WRITE_KEY,
+    }
     assert list(json.loads(body)) == ["batch", "sentAt", "writeKey"]
     assert messages[1] in body  # not re-encoded: UTF-8 as measured
     assert len(body) == envelope_bytes(WRITE_KEY) + sum(map(len, messages)) + 1
@@ -136,15 +147,29 @@ def test_sent_at_is_iso_8601_utc_with_milliseconds_and_fixed_length():
 # Classification (pure)
 
 
-@pytest.mark.parametrize("status, kind, split", [
-    (200, SUCCEEDED, False), (201, SUCCEEDED, False), (204, SUCCEEDED, False),
-    (408, RETRY, False), (429, RETRY, False),
-    (500, RETRY, False), (502, RETRY, False), (503, RETRY, False), (504, RETRY, False),
-    (501, FAILED, False), (505, FAILED, False),
-    (400, FAILED, True), (413, FAILED, True),
-    (401, FAILED, False), (403, FAILED, False), (404, FAILED, False), (422, FAILED, False),
-    (302, RETRY, False),
-])
+@pytest.mark.parametrize(
+    "status, kind, split",
+    [
+        (200, SUCCEEDED, False),
+        (201, SUCCEEDED, False),
+        (204, SUCCEEDED, False),
+        (408, RETRY, False),
+        (429, RETRY, False),
+        (500, RETRY, False),
+        (502, RETRY, False),
+        (503, RETRY, False),
+        (504, RETRY, False),
+        (501, FAILED, False),
+        (505, FAILED, False),
+        (400, FAILED, True),
+        (413, FAILED, True),
+        (401, FAILED, False),
+        (403, FAILED, False),
+        (404, FAILED, False),
+        (422, FAILED, False),
+        (302, RETRY, False),
+    ],
+)
 def test_classify(status, kind, split):
     answer = classify(status, "why", None, 0.0)
     assert (answer.outcome.kind, answer.split) == (kind, split)
@@ -185,7 +210,10 @@ def test_one_request_to_batch_with_basic_auth_the_write_key_and_sent_at(httpserv
     assert kinds(outcomes) == [SUCCEEDED] * 3
     [request] = requests_seen(httpserver)
     assert request.path == "/v1/batch"
-    assert request.headers["Authorization"] == "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    assert (
+        request.headers["Authorization"]
+        == "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    )
     assert request.headers["Content-Type"] == "application/json"
     body = json.loads(request.get_data())
     assert body["batch"] == [message(0), message(1), message(2)]
@@ -206,7 +234,9 @@ def test_a_retry_sends_the_same_messages_with_a_new_sent_at(httpserver, sender):
     assert first["sentAt"] != second["sentAt"]
 
 
-def test_a_request_of_exactly_the_byte_limit_goes_whole_and_one_byte_more_splits(httpserver, sender):
+def test_a_request_of_exactly_the_byte_limit_goes_whole_and_one_byte_more_splits(
+    httpserver, sender
+):
     httpserver.expect_request("/v1/batch").respond_with_json({"success": True})
     count = 16
     room = MAX_REQUEST_BYTES - envelope_bytes(WRITE_KEY) - (count - 1)
@@ -224,31 +254,49 @@ def test_a_request_of_exactly_the_byte_limit_goes_whole_and_one_byte_more_splits
     sent = requests_seen(httpserver)
     assert len(sent) == 2
     assert all(len(r.get_data()) <= MAX_REQUEST_BYTES for r in sent)
-    assert sorted(m["userId"] for r in sent for m in batch_of(r)) == sorted(f"u{n}" for n in range(count))
+    assert sorted(m["userId"] for r in sent for m in batch_of(r)) == sorted(
+        f"u{n}" for n in range(count)
+    )
 
 
 def test_no_request_carries_more_than_2500_messages(httpserver, sender):
     httpserver.expect_request("/v1/batch").respond_with_json({"success": True})
-    items = [item(n, {"type": "track", "event": "E", "userId": f"u{n}"})
-             for n in range(MAX_REQUEST_MESSAGES + 1)]
+    items = [
+        item(n, {"type": "track", "event": "E", "userId": f"u{n}"})
+        for n in range(MAX_REQUEST_MESSAGES + 1)
+    ]
     assert kinds(send(sender, items)) == [SUCCEEDED] * len(items)
     assert [len(batch_of(r)) for r in requests_seen(httpserver)] == [MAX_REQUEST_MESSAGES, 1]
 
 
 def test_a_message_over_32_kb_fails_alone_and_one_of_exactly_32_kb_is_sent(httpserver, sender):
     httpserver.expect_request("/v1/batch").respond_with_json({"success": True})
-    items = [item(0), item(1, sized(1, MAX_MESSAGE_BYTES + 1)), item(2, sized(2, MAX_MESSAGE_BYTES))]
+    items = [
+        item(0),
+        item(1, sized(1, MAX_MESSAGE_BYTES + 1)),
+        item(2, sized(2, MAX_MESSAGE_BYTES)),
+    ]
     outcomes = send(sender, items)
     assert kinds(outcomes) == [SUCCEEDED, FAILED, SUCCEEDED]
-    assert outcomes[1].error == (f"the message is {MAX_MESSAGE_BYTES + 1} bytes, over Segment's limit"
-                                 f" of {MAX_MESSAGE_BYTES} bytes per message")
+    assert outcomes[1].error == (
+        f"the message is {MAX_MESSAGE_BYTES + 1} bytes, over Segment's limit"
+        f" of {MAX_MESSAGE_BYTES} bytes per message"
+    )
     [request] = requests_seen(httpserver)
     assert [m["userId"] for m in batch_of(request)] == ["u0", "u2"]
 
 
 def test_an_item_without_a_message_fails_without_a_request(httpserver, sender):
-    broken = Item(id=9, direction="vero_to_segment", order_key="u9", payload={"oops": 1},
-                  attempts=1, progress=0, created_at=0.0, lease="l")
+    broken = Item(
+        id=9,
+        direction="vero_to_segment",
+        order_key="u9",
+        payload={"oops": 1},
+        attempts=1,
+        progress=0,
+        created_at=0.0,
+        lease="l",
+    )
     [outcome] = send(sender, [broken])
     assert (outcome.kind, outcome.error) == (FAILED, "the outbox item holds no Segment message")
     assert requests_seen(httpserver) == []
@@ -258,10 +306,20 @@ def test_an_item_without_a_message_fails_without_a_request(httpserver, sender):
 # Answers
 
 
-@pytest.mark.parametrize("status, kind", [
-    (200, SUCCEEDED), (408, RETRY), (429, RETRY), (500, RETRY), (503, RETRY),
-    (501, FAILED), (505, FAILED), (401, FAILED), (404, FAILED),
-])
+@pytest.mark.parametrize(
+    "status, kind",
+    [
+        (200, SUCCEEDED),
+        (408, RETRY),
+        (429, RETRY),
+        (500, RETRY),
+        (503, RETRY),
+        (501, FAILED),
+        (505, FAILED),
+        (401, FAILED),
+        (404, FAILED),
+    ],
+)
 def test_each_answer_applies_to_every_message_of_the_request(httpserver, sender, status, kind):
     httpserver.expect_request("/v1/batch").respond_with_data("reason text", status=status)
     outcomes = send(sender, [item(1), item(2), item(3)])
@@ -273,12 +331,17 @@ def test_each_answer_applies_to_every_message_of_the_request(httpserver, sender,
 
 def refusing(*bad_users: str):
     """A Segment stand-in that refuses any batch holding one of these users."""
+
     def handler(request):
         users = {m.get("userId") for m in batch_of(request)}
         if users & set(bad_users):
-            return Response(json.dumps({"success": False, "message": "Invalid messageId"}),
-                            status=400, content_type="application/json")
+            return Response(
+                json.dumps({"success": False, "message": "Invalid messageId"}),
+                status=400,
+                content_type="application/json",
+            )
         return Response(json.dumps({"success": True}), status=200, content_type="application/json")
+
     return handler
 
 
@@ -287,12 +350,16 @@ def test_a_400_batch_is_split_until_the_bad_message_fails_alone(httpserver, send
     outcomes = send(sender, [item(n) for n in range(8)])
 
     assert kinds(outcomes) == [SUCCEEDED] * 5 + [FAILED] + [SUCCEEDED] * 2
-    assert outcomes[5].error == 'Segment answered 400: {"success": false, "message": "Invalid messageId"}'
+    assert (
+        outcomes[5].error
+        == 'Segment answered 400: {"success": false, "message": "Invalid messageId"}'
+    )
     sizes = [len(batch_of(r)) for r in requests_seen(httpserver)]
     # 8 refused; halves 4 (ok) and 4 refused; 2 (u4,u5) refused, 2 ok; 1 ok, 1 refused.
     assert sizes == [8, 4, 4, 2, 1, 1, 2]
-    delivered = [m["userId"] for r, resp in httpserver.log if resp.status_code == 200
-                 for m in batch_of(r)]
+    delivered = [
+        m["userId"] for r, resp in httpserver.log if resp.status_code == 200 for m in batch_of(r)
+    ]
     assert sorted(delivered) == sorted(f"u{n}" for n in range(8) if n != 5)
 
 
@@ -305,13 +372,18 @@ def test_two_bad_messages_in_one_batch_each_fail_and_the_rest_are_delivered(http
 def test_a_400_for_a_single_message_is_final(httpserver, sender):
     httpserver.expect_request("/v1/batch").respond_with_data("bad", status=400)
     [outcome] = send(sender, [item(1)])
-    assert (outcome.kind, outcome.error, outcome.status) == (FAILED, "Segment answered 400: bad", "4xx")
+    assert (outcome.kind, outcome.error, outcome.status) == (
+        FAILED,
+        "Segment answered 400: bad",
+        "4xx",
+    )
     assert len(requests_seen(httpserver)) == 1
 
 
 def test_429_with_retry_after_holds_the_rest_of_the_round(httpserver, sender):
     httpserver.expect_request("/v1/batch").respond_with_data(
-        "slow down", status=429, headers={"Retry-After": "42"})
+        "slow down", status=429, headers={"Retry-After": "42"}
+    )
     big = MAX_MESSAGE_BYTES - 100
     items = [item(n, sized(n, big)) for n in range(20)]  # needs two requests
     outcomes = send(sender, items)
@@ -323,7 +395,9 @@ def test_429_with_retry_after_holds_the_rest_of_the_round(httpserver, sender):
 def test_a_request_to_retry_ends_the_round_and_the_rest_go_back_unsent(httpserver, sender):
     """The rest may hold a later message of a user now retrying: sending it
     would let it overtake the earlier one."""
-    httpserver.expect_ordered_request("/v1/batch", method="POST").respond_with_data("busy", status=503)
+    httpserver.expect_ordered_request("/v1/batch", method="POST").respond_with_data(
+        "busy", status=503
+    )
     items = [item(n, sized(n, MAX_MESSAGE_BYTES - 100)) for n in range(20)]  # needs two requests
     outcomes = send(sender, items)
     assert len(requests_seen(httpserver)) == 1
@@ -333,7 +407,9 @@ def test_a_request_to_retry_ends_the_round_and_the_rest_go_back_unsent(httpserve
 
 
 def test_a_network_error_is_retried_and_names_no_secret():
-    closed = SegmentSender(Config(segment_write_key=WRITE_KEY, segment_api_url="http://127.0.0.1:9/v1"))
+    closed = SegmentSender(
+        Config(segment_write_key=WRITE_KEY, segment_api_url="http://127.0.0.1:9/v1")
+    )
     [outcome] = send(closed, [item(1)])
     assert (outcome.kind, outcome.status) == (RETRY, "network")
     assert outcome.error.startswith("cannot reach Segment: ConnectionError")
@@ -347,10 +423,19 @@ def test_no_answer_in_time_is_retried(httpserver):
 
     httpserver.expect_request("/v1/batch").respond_with_handler(slow)
     # The smallest lease allowed (1 s) bounds the read timeout to a third of it.
-    quick = SegmentSender(Config(segment_write_key=WRITE_KEY, outbox_lease_seconds=1.0,
-                                 segment_api_url=httpserver.url_for("/v1").rstrip("/")))
+    quick = SegmentSender(
+        Config(
+            segment_write_key=WRITE_KEY,
+            outbox_lease_seconds=1.0,
+            segment_api_url=httpserver.url_for("/v1").rstrip("/"),
+        )
+    )
     [outcome] = send(quick, [item(1)])
-    assert (outcome.kind, outcome.error, outcome.status) == (RETRY, "Segment did not answer in time", "network")
+    assert (outcome.kind, outcome.error, outcome.status) == (
+        RETRY,
+        "Segment did not answer in time",
+        "network",
+    )
 
 
 def test_the_write_key_never_reaches_an_error_or_a_log(httpserver, sender, caplog):
@@ -359,8 +444,10 @@ def test_the_write_key_never_reaches_an_error_or_a_log(httpserver, sender, caplo
     [outcome] = send(sender, [item(1)])
     assert outcome.error == "Segment answered 403: unknown key [redacted]"
     assert caplog.records  # the refusal was logged ...
-    assert all(WRITE_KEY not in record.getMessage() and WRITE_KEY not in str(record.__dict__)
-               for record in caplog.records)  # ... without the key
+    assert all(
+        WRITE_KEY not in record.getMessage() and WRITE_KEY not in str(record.__dict__)
+        for record in caplog.records
+    )  # ... without the key
 
 
 # ---------------------------------------------------------------------------
@@ -403,7 +490,9 @@ def test_no_request_starts_after_the_send_window_so_the_lease_is_not_outlived(ht
     outcomes = send(sender, items)
     [request] = requests_seen(httpserver)
     sent = {m["userId"] for m in batch_of(request)}
-    assert sorted(kinds(outcomes)) == sorted([SUCCEEDED] * len(sent) + [RELEASED] * (20 - len(sent)))
+    assert sorted(kinds(outcomes)) == sorted(
+        [SUCCEEDED] * len(sent) + [RELEASED] * (20 - len(sent))
+    )
 
 
 def test_the_timeouts_and_window_fit_inside_the_lease():

@@ -1,6 +1,7 @@
 """Direction A from the door to Vero: the Flask app with its real Vero sender,
 a real stand-in Vero on a loopback port, and delivery driven one round at a
 time, so every request that reaches "Vero" can be asserted exactly."""
+
 from __future__ import annotations
 
 import base64
@@ -13,11 +14,11 @@ import pytest
 
 from service.directions import SEGMENT_TO_VERO
 from service.outbox import DEAD, DELIVERED, PENDING
+from service.runtime import get_runtime
 from tests.conftest import wait_for
 from tests.direction_a_samples import CREATED_AT, EXTRAS, TIMESTAMP, every_type, with_credential
 from tests.support import sign
 from tests.vero_standin import VeroStandIn
-from service.runtime import get_runtime
 
 SECRET = "segment-shared-secret"
 TOKEN = "vero-auth-token-Zm9vOmJhcg=="
@@ -30,8 +31,12 @@ def vero(httpserver):
 
 @pytest.fixture
 def env(vero, sqlite_url):
-    return {"VERO_AUTH_TOKEN": TOKEN, "VERO_API_URL": vero.url, "SEGMENT_SHARED_SECRET": SECRET,
-            "DATABASE_URL": sqlite_url}
+    return {
+        "VERO_AUTH_TOKEN": TOKEN,
+        "VERO_API_URL": vero.url,
+        "SEGMENT_SHARED_SECRET": SECRET,
+        "DATABASE_URL": sqlite_url,
+    }
 
 
 @pytest.fixture
@@ -47,8 +52,11 @@ def client(app):
 def post(client, body, path="/segment", headers=None, secret=SECRET):
     """Post `body` (JSON-encoded unless already bytes) with a valid signature."""
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json",
-               **({"X-Signature": sign(raw, secret)} if secret else {}), **(headers or {})}
+    headers = {
+        "Content-Type": "application/json",
+        **({"X-Signature": sign(raw, secret)} if secret else {}),
+        **(headers or {}),
+    }
     return client.post(path, data=raw, headers=headers)
 
 
@@ -105,9 +113,11 @@ def test_a_signed_single_message_is_accepted_and_delivered(app, client, vero):
 def test_an_array_body_is_accepted_when_its_first_element_is_signed(app, client, vero):
     # Segment signs the exact text of element 0 as it stands in the body.
     first = '{ "type": "track", "userId": "u1", "event": "First", "timestamp": "%s" }' % TIMESTAMP
-    raw = f'[ {first} ,\n {json.dumps(track(event="Second"))}]'.encode()
+    raw = f"[ {first} ,\n {json.dumps(track(event='Second'))}]".encode()
 
-    response = client.post("/segment", data=raw, headers={"X-Signature": sign(first.encode(), SECRET)})
+    response = client.post(
+        "/segment", data=raw, headers={"X-Signature": sign(first.encode(), SECRET)}
+    )
 
     assert (response.status_code, response.json) == (200, accepted(accepted=2))
     deliver_all(app)
@@ -132,14 +142,26 @@ def test_basic_auth_with_the_secret_as_user_name_is_accepted_on_the_v1_routes(ap
     assert vero.received() == [event_call()]
 
 
-@pytest.mark.parametrize("headers", [
-    {},
-    {"X-Signature": "0" * 40},
-    {"X-Signature": sign(json.dumps(track()).encode(), "another-secret")},
-    basic("another-secret"),
-    basic("", SECRET),  # the secret as password is not the contract
-], ids=["missing", "wrong-signature", "signed-with-another-secret", "wrong-user", "secret-as-password"])
-def test_a_request_without_valid_credentials_is_401_and_nothing_is_stored(app, client, vero, headers):
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"X-Signature": "0" * 40},
+        {"X-Signature": sign(json.dumps(track()).encode(), "another-secret")},
+        basic("another-secret"),
+        basic("", SECRET),  # the secret as password is not the contract
+    ],
+    ids=[
+        "missing",
+        "wrong-signature",
+        "signed-with-another-secret",
+        "wrong-user",
+        "secret-as-password",
+    ],
+)
+def test_a_request_without_valid_credentials_is_401_and_nothing_is_stored(
+    app, client, vero, headers
+):
     response = post(client, track(), secret=None, headers=headers)
 
     assert response.status_code == 401
@@ -157,7 +179,8 @@ def test_without_a_shared_secret_every_request_is_401_saying_why(make_app, env, 
 
     assert response.status_code == 401
     assert response.json == {
-        "error": "SEGMENT_SHARED_SECRET is not set, so no request can be authenticated"}
+        "error": "SEGMENT_SHARED_SECRET is not set, so no request can be authenticated"
+    }
     assert states(app) == {}
 
 
@@ -167,7 +190,9 @@ def test_without_vero_credentials_direction_a_is_503_before_anything_else(make_a
     response = post(app.test_client(), b"not even json", secret=None)
 
     assert response.status_code == 503
-    assert response.json == {"error": "not configured: set VERO_AUTH_TOKEN or VERO_TRACKING_API_KEY"}
+    assert response.json == {
+        "error": "not configured: set VERO_AUTH_TOKEN or VERO_TRACKING_API_KEY"
+    }
 
 
 def test_authentication_comes_before_reading_the_body(client):
@@ -190,19 +215,26 @@ def test_the_tracking_api_key_reaches_vero_under_its_own_name(make_app, env, ver
 # -- the body -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw, error", [
-    (b'{"type": "track",', "body is not valid JSON: Expecting property name enclosed in double"
-                           " quotes at line 1 column 18"),
-    (b"", "body is empty"),
-    (b'"a string"', "body must be a JSON object or array"),
-    (b"42", "body must be a JSON object or array"),
-    (b"[]", "the array of messages is empty"),
-    (b'{"batch": []}', "batch must be a non-empty array"),
-    (b'{"batch": {"type": "track"}}', "batch must be a non-empty array"),
-    (b"\xff\xfe{}", "body is not valid UTF-8 (byte 0)"),
-])
-def test_an_unreadable_body_is_400_naming_the_problem_and_nothing_is_stored(app, client, vero,
-                                                                            raw, error):
+@pytest.mark.parametrize(
+    "raw, error",
+    [
+        (
+            b'{"type": "track",',
+            "body is not valid JSON: Expecting property name enclosed in double"
+            " quotes at line 1 column 18",
+        ),
+        (b"", "body is empty"),
+        (b'"a string"', "body must be a JSON object or array"),
+        (b"42", "body must be a JSON object or array"),
+        (b"[]", "the array of messages is empty"),
+        (b'{"batch": []}', "batch must be a non-empty array"),
+        (b'{"batch": {"type": "track"}}', "batch must be a non-empty array"),
+        (b"\xff\xfe{}", "body is not valid UTF-8 (byte 0)"),
+    ],
+)
+def test_an_unreadable_body_is_400_naming_the_problem_and_nothing_is_stored(
+    app, client, vero, raw, error
+):
     response = post(client, raw)
 
     assert (response.status_code, response.json) == (400, {"error": error})
@@ -228,10 +260,12 @@ def test_authentication_is_checked_before_the_body_size(make_app, env, vero):
     big = json.dumps(track(properties={"padding": "x" * 3000})).encode()
 
     assert post(client, big, secret=None).status_code == 401
-    assert post(client, big, path="/v1/track", secret=None,
-                headers=basic("wrong")).status_code == 401
-    assert post(client, big, path="/v1/track", secret=None,
-                headers=basic(SECRET)).status_code == 413
+    assert (
+        post(client, big, path="/v1/track", secret=None, headers=basic("wrong")).status_code == 401
+    )
+    assert (
+        post(client, big, path="/v1/track", secret=None, headers=basic(SECRET)).status_code == 413
+    )
     assert post(client, big).status_code == 413
     assert states(app) == {}
 
@@ -245,16 +279,24 @@ def test_a_body_at_the_size_limit_is_accepted(make_app, env, vero):
     assert post(app.test_client(), body).status_code == 200
 
 
-@pytest.mark.parametrize("message, error", [
-    (track(event=""), "event is required"),
-    ({"type": "identify", "traits": {"plan": "pro"}}, "userId is required"),
-    ({"type": "Track", "userId": "u1", "event": "x"}, "unsupported message type"),
-    (track(context={"traits": {"email": "not-an-email"}}), "context.traits.email does not look like an email"),
-    (track(user="u" * 255), "userId must be shorter than 255 characters"),
-    ({"type": "alias", "userId": "u1"}, "previousId is required"),
-    (track(integrations={"Vero": {"tags": {"action": "toggle", "values": ["a"]}}}),
-     'integrations.Vero.tags.action must be "add" or "remove"'),
-])
+@pytest.mark.parametrize(
+    "message, error",
+    [
+        (track(event=""), "event is required"),
+        ({"type": "identify", "traits": {"plan": "pro"}}, "userId is required"),
+        ({"type": "Track", "userId": "u1", "event": "x"}, "unsupported message type"),
+        (
+            track(context={"traits": {"email": "not-an-email"}}),
+            "context.traits.email does not look like an email",
+        ),
+        (track(user="u" * 255), "userId must be shorter than 255 characters"),
+        ({"type": "alias", "userId": "u1"}, "previousId is required"),
+        (
+            track(integrations={"Vero": {"tags": {"action": "toggle", "values": ["a"]}}}),
+            'integrations.Vero.tags.action must be "add" or "remove"',
+        ),
+    ],
+)
 def test_a_single_invalid_message_is_400_naming_the_field(app, client, vero, message, error):
     response = post(client, message)
 
@@ -271,17 +313,25 @@ def test_an_invalid_message_is_rejected_even_when_its_id_was_seen_before(app, cl
 
 
 def test_a_batch_accepts_the_valid_items_and_lists_each_rejected_one(app, client, vero):
-    body = [track(event="One"), track(event=""), "not an object",
-            {"type": "identify", "traits": {}}, track(event="Two")]
+    body = [
+        track(event="One"),
+        track(event=""),
+        "not an object",
+        {"type": "identify", "traits": {}},
+        track(event="Two"),
+    ]
 
     response = post(client, body)
 
     assert response.status_code == 200
-    assert response.json == accepted(accepted=2, rejected=[
-        {"index": 1, "error": "event is required"},
-        {"index": 2, "error": "message must be a JSON object"},
-        {"index": 3, "error": "userId is required"},
-    ])
+    assert response.json == accepted(
+        accepted=2,
+        rejected=[
+            {"index": 1, "error": "event is required"},
+            {"index": 2, "error": "message must be a JSON object"},
+            {"index": 3, "error": "userId is required"},
+        ],
+    )
     deliver_all(app)
     assert vero.received() == [event_call(event="One"), event_call(event="Two")]
 
@@ -311,8 +361,10 @@ def test_a_batch_envelope_merges_its_context_and_integrations_into_each_item(app
 
 
 def test_a_batch_envelope_can_turn_vero_off_for_its_items(app, client, vero):
-    body = {"batch": [track(event="Off"), track(event="On", integrations={"Vero": True})],
-            "integrations": {"Vero": False}}
+    body = {
+        "batch": [track(event="Off"), track(event="On", integrations={"Vero": True})],
+        "integrations": {"Vero": False},
+    }
 
     response = post(client, body)
 
@@ -337,15 +389,28 @@ def test_a_v1_route_fills_in_the_type_and_refuses_a_different_one(app, client, v
     untyped = {"userId": "u1", "event": "Signed Up", "timestamp": TIMESTAMP}
 
     filled = post(client, untyped, path="/v1/track", secret=None, headers=basic(SECRET))
-    refused = post(client, {**untyped, "type": "page"}, path="/v1/track", secret=None,
-                   headers=basic(SECRET))
-    mixed = post(client, [untyped, {**untyped, "type": "identify"}], path="/v1/track",
-                 secret=None, headers=basic(SECRET))
+    refused = post(
+        client, {**untyped, "type": "page"}, path="/v1/track", secret=None, headers=basic(SECRET)
+    )
+    mixed = post(
+        client,
+        [untyped, {**untyped, "type": "identify"}],
+        path="/v1/track",
+        secret=None,
+        headers=basic(SECRET),
+    )
 
     assert (filled.status_code, filled.json) == (200, accepted(accepted=1))
-    assert (refused.status_code, refused.json) == (400, {"error": "type must be 'track' on /v1/track"})
-    assert (mixed.status_code, mixed.json) == (200, accepted(duplicate=1, rejected=[
-        {"index": 1, "error": "type must be 'track' on /v1/track"}]))
+    assert (refused.status_code, refused.json) == (
+        400,
+        {"error": "type must be 'track' on /v1/track"},
+    )
+    assert (mixed.status_code, mixed.json) == (
+        200,
+        accepted(
+            duplicate=1, rejected=[{"index": 1, "error": "type must be 'track' on /v1/track"}]
+        ),
+    )
     deliver_all(app)
     assert vero.received() == [event_call()]
 
@@ -353,7 +418,7 @@ def test_a_v1_route_fills_in_the_type_and_refuses_a_different_one(app, client, v
 def test_an_unwritable_outbox_is_503_and_acknowledges_nothing(make_app, env, sqlite_url, vero):
     app = make_app(env)
     client = app.test_client()
-    path = sqlite_url[len("sqlite:///"):]
+    path = sqlite_url[len("sqlite:///") :]
     get_runtime(app).store.close()
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
@@ -365,7 +430,9 @@ def test_an_unwritable_outbox_is_503_and_acknowledges_nothing(make_app, env, sql
 
     for response in (single, batch):
         assert (response.status_code, response.json) == (
-            503, {"error": "the outbox cannot be written; retry later"})
+            503,
+            {"error": "the outbox cannot be written; retry later"},
+        )
     assert vero.received() == []
 
 
@@ -379,7 +446,9 @@ def test_every_message_type_reaches_vero_as_the_exact_calls_in_order(app, client
 
     deliver_all(app)
 
-    expected = [call for _, calls in samples for call in with_credential(calls, "auth_token", TOKEN)]
+    expected = [
+        call for _, calls in samples for call in with_credential(calls, "auth_token", TOKEN)
+    ]
     assert vero.received() == expected
     assert states(app) == {DELIVERED: len(samples)}
 
@@ -401,8 +470,12 @@ def test_a_vero_5xx_is_retried_until_delivered_once_and_nothing_is_lost(app, cli
 
 def test_a_retry_resumes_at_the_call_that_failed(app, client, vero):
     vero.answer(503, "/users/tags/edit")
-    message = {"type": "identify", "userId": "u1", "timestamp": TIMESTAMP,
-               "integrations": {"Vero": {"tags": {"action": "add", "values": ["vip"]}}}}
+    message = {
+        "type": "identify",
+        "userId": "u1",
+        "timestamp": TIMESTAMP,
+        "integrations": {"Vero": {"tags": {"action": "add", "values": ["vip"]}}},
+    }
     post(client, message)
 
     deliver_all(app)
@@ -415,10 +488,15 @@ def test_a_retry_resumes_at_the_call_that_failed(app, client, vero):
 
 
 def test_a_vero_4xx_dead_letters_the_message_and_its_later_calls_and_spares_other_users(
-        app, client, vero):
+    app, client, vero
+):
     vero.answer(400, "/events/track", user="bad", body={"status": 400, "message": "Invalid event"})
-    order = track(user="bad", event="Order Completed", message_id="bad-order",
-                  properties={"products": [{"sku": "a"}, {"sku": "b"}]})
+    order = track(
+        user="bad",
+        event="Order Completed",
+        message_id="bad-order",
+        properties={"products": [{"sku": "a"}, {"sku": "b"}]},
+    )
     post(client, [order, track(user="good", message_id="good-1")])
 
     deliver_all(app)
@@ -430,8 +508,10 @@ def test_a_vero_4xx_dead_letters_the_message_and_its_later_calls_and_spares_othe
     assert states(app) == {DEAD: 1, DELIVERED: 1}
     [dead] = get_runtime(app).store.dead(SEGMENT_TO_VERO, 10)
     assert dead.order_key == "bad"
-    assert dead.error == ('POST /events/track: Vero answered 400: {"status": 400, "message":'
-                          ' "Invalid event"} (2 later calls of this message not sent)')
+    assert dead.error == (
+        'POST /events/track: Vero answered 400: {"status": 400, "message":'
+        ' "Invalid event"} (2 later calls of this message not sent)'
+    )
     assert TOKEN not in dead.error and TOKEN not in json.dumps(dead.payload)
 
 
@@ -455,9 +535,10 @@ def test_a_429_waits_as_long_as_retry_after_asks(app, client, vero, sqlite_url):
 
     assert get_runtime(app).deliverer.run_once(SEGMENT_TO_VERO) == 0
     assert vero.received() == [event_call()]
-    with sqlite3.connect(sqlite_url[len("sqlite:///"):]) as db:
+    with sqlite3.connect(sqlite_url[len("sqlite:///") :]) as db:
         [(state, available_at, error)] = db.execute(
-            "SELECT state, available_at, last_error FROM outbox").fetchall()
+            "SELECT state, available_at, last_error FROM outbox"
+        ).fetchall()
     assert state == PENDING
     # The outbox's own first backoff would be one second at most.
     assert before + 119 <= available_at <= time.time() + 121
@@ -477,8 +558,10 @@ def test_one_users_messages_go_out_in_order_while_others_proceed(app, client, ve
     deliver_all(app)
 
     assert vero.received() == [
-        event_call(event="A1"), event_call(user="u2", event="B1"),
-        event_call(event="A1"), event_call(event="A2"),
+        event_call(event="A1"),
+        event_call(user="u2", event="B1"),
+        event_call(event="A1"),
+        event_call(event="A2"),
     ]
     assert vero.statuses() == [500, 200, 200, 200]
     assert states(app) == {DELIVERED: 3}

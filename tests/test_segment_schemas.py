@@ -1,8 +1,9 @@
 """The Segment message schemas: what loads, what is refused, and what dumps."""
+
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def fixture_input(name: str) -> dict:
 
 
 def test_there_is_one_schema_per_message_type():
-    assert SCHEMAS == {
+    assert {
         "identify": IdentifySchema,
         "track": TrackSchema,
         "page": PageSchema,
@@ -40,7 +41,7 @@ def test_there_is_one_schema_per_message_type():
         "group": GroupSchema,
         "alias": AliasSchema,
         "delete": DeleteSchema,
-    }
+    } == SCHEMAS
     assert tuple(SCHEMAS) == MESSAGE_TYPES
 
 
@@ -138,21 +139,44 @@ def test_delete_needs_only_a_user():
     "message, errors",
     [
         ({"type": "identify", "userId": True}, {"userId": ["must be a string or a number"]}),
-        ({"type": "identify", "userId": "u", "anonymousId": ["a"]}, {"anonymousId": ["must be a string or a number"]}),
-        ({"type": "identify", "userId": "u", "messageId": {}}, {"messageId": ["must be a string or a number"]}),
+        (
+            {"type": "identify", "userId": "u", "anonymousId": ["a"]},
+            {"anonymousId": ["must be a string or a number"]},
+        ),
+        (
+            {"type": "identify", "userId": "u", "messageId": {}},
+            {"messageId": ["must be a string or a number"]},
+        ),
         ({"type": "identify", "userId": "u", "traits": []}, {"traits": ["must be an object"]}),
         ({"type": "identify", "userId": "u", "context": "x"}, {"context": ["must be an object"]}),
-        ({"type": "identify", "userId": "u", "integrations": 1}, {"integrations": ["must be an object"]}),
+        (
+            {"type": "identify", "userId": "u", "integrations": 1},
+            {"integrations": ["must be an object"]},
+        ),
         ({"type": "track", "userId": "u", "event": 5}, {"event": ["must be a string"]}),
-        ({"type": "track", "userId": "u", "event": "e", "properties": "x"}, {"properties": ["must be an object"]}),
+        (
+            {"type": "track", "userId": "u", "event": "e", "properties": "x"},
+            {"properties": ["must be an object"]},
+        ),
         ({"type": "page", "userId": "u", "name": 3}, {"name": ["must be a string"]}),
         ({"type": "screen", "userId": "u", "category": []}, {"category": ["must be a string"]}),
-        ({"type": "group", "userId": "u", "groupId": False}, {"groupId": ["must be a string or a number"]}),
+        (
+            {"type": "group", "userId": "u", "groupId": False},
+            {"groupId": ["must be a string or a number"]},
+        ),
         ({"type": "group", "userId": "u", "traits": 1}, {"traits": ["must be an object"]}),
-        ({"type": "track", "userId": "u", "event": "e", "timestamp": "yesterday"}, {"timestamp": ["is not an ISO-8601 date"]}),
-        ({"type": "track", "userId": "u", "event": "e", "originalTimestamp": 1388534400}, {"originalTimestamp": ["is not an ISO-8601 date"]}),
-        ({"type": "track", "userId": "u", "event": "e", "originalTimestamp": "14"},
-         {"originalTimestamp": ["is not an ISO-8601 date"]}),
+        (
+            {"type": "track", "userId": "u", "event": "e", "timestamp": "yesterday"},
+            {"timestamp": ["is not an ISO-8601 date"]},
+        ),
+        (
+            {"type": "track", "userId": "u", "event": "e", "originalTimestamp": 1388534400},
+            {"originalTimestamp": ["is not an ISO-8601 date"]},
+        ),
+        (
+            {"type": "track", "userId": "u", "event": "e", "originalTimestamp": "14"},
+            {"originalTimestamp": ["is not an ISO-8601 date"]},
+        ),
     ],
 )
 def test_wrongly_shaped_fields_are_named(message, errors):
@@ -170,7 +194,9 @@ def test_an_unknown_type_is_reported(kind):
 
 
 def test_a_schema_refuses_a_message_of_another_type():
-    assert TrackSchema().validate({"type": "page", "userId": "u", "event": "e"}) == {"type": ["must be 'track'"]}
+    assert TrackSchema().validate({"type": "page", "userId": "u", "event": "e"}) == {
+        "type": ["must be 'track'"]
+    }
 
 
 def test_load_raises_with_the_fields_named():
@@ -184,7 +210,7 @@ def test_dumping_a_built_track_renders_its_timestamp_and_type():
         "userId": "u_42",
         "event": "Email Opened",
         "messageId": "m1",
-        "timestamp": datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=timezone.utc),
+        "timestamp": datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=UTC),
         "properties": {"email_id": "abc"},
         "context": {"integration": {"name": "vero", "version": "0.1.0"}},
     }
@@ -211,13 +237,13 @@ def test_dumping_keeps_a_timestamp_given_as_text():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("2014", datetime(2014, 1, 1, tzinfo=timezone.utc)),
-        ("2014-05", datetime(2014, 5, 1, tzinfo=timezone.utc)),
-        ("2014-05-06", datetime(2014, 5, 6, tzinfo=timezone.utc)),
-        ("2014-05-06T07:08:09Z", datetime(2014, 5, 6, 7, 8, 9, tzinfo=timezone.utc)),
-        ("2014-05-06T07:08:09.123Z", datetime(2014, 5, 6, 7, 8, 9, 123000, tzinfo=timezone.utc)),
-        ("2014-05-06T07:08:09", datetime(2014, 5, 6, 7, 8, 9, tzinfo=timezone.utc)),
-        ("2014-05-06 07:08:09+02:00", datetime(2014, 5, 6, 5, 8, 9, tzinfo=timezone.utc)),
+        ("2014", datetime(2014, 1, 1, tzinfo=UTC)),
+        ("2014-05", datetime(2014, 5, 1, tzinfo=UTC)),
+        ("2014-05-06", datetime(2014, 5, 6, tzinfo=UTC)),
+        ("2014-05-06T07:08:09Z", datetime(2014, 5, 6, 7, 8, 9, tzinfo=UTC)),
+        ("2014-05-06T07:08:09.123Z", datetime(2014, 5, 6, 7, 8, 9, 123000, tzinfo=UTC)),
+        ("2014-05-06T07:08:09", datetime(2014, 5, 6, 7, 8, 9, tzinfo=UTC)),
+        ("2014-05-06 07:08:09+02:00", datetime(2014, 5, 6, 5, 8, 9, tzinfo=UTC)),
         (
             "2014-05-06T07:08:09.5-0130",
             datetime(2014, 5, 6, 7, 8, 9, 500000, tzinfo=timezone(-timedelta(hours=1, minutes=30))),
@@ -242,4 +268,7 @@ def test_format_timestamp_writes_utc_milliseconds():
 
 def test_error_sentence_names_the_field_once():
     assert error_sentence("event", "is required") == "event is required"
-    assert error_sentence("userId", "userId or anonymousId is required") == "userId or anonymousId is required"
+    assert (
+        error_sentence("userId", "userId or anonymousId is required")
+        == "userId or anonymousId is required"
+    )

@@ -1,12 +1,14 @@
 """Direction B mapping: Vero webhook bodies to Segment track messages
 (MAPPING.md part B), checked on whole messages."""
+
 import json
 from urllib.parse import quote, quote_plus, urlencode
 
 import pytest
 
-from service.results import Accept, Reject, Skip
+from blueprints.vero import parse_body
 from service.messages import TrackSchema
+from service.results import Accept, Reject, Skip
 from service.vero_to_segment.mapping import (
     DEFAULT_EVENT_NAMES,
     MAX_MESSAGE_BYTES,
@@ -17,7 +19,6 @@ from service.vero_to_segment.mapping import (
     message_id,
 )
 from service.vero_to_segment.webhooks import load_webhook
-from blueprints.vero import parse_body
 
 LIBRARY = {"name": "vero-bridge", "version": "0.1.0"}
 RECEIVED_AT = 1700000500.0  # 2023-11-14T22:21:40Z
@@ -137,7 +138,12 @@ def test_an_unsubscribe_with_the_alternative_campaign_keys():
         "type": "unsubscribed",
         "unsubscribed_at": OPENED_AT,
         "user": {"id": 7, "email": "p@example.org"},
-        "campaign": {"id": "c9", "campaign_title": "Digest", "email_subject": "News", "variation_name": "B"},
+        "campaign": {
+            "id": "c9",
+            "campaign_title": "Digest",
+            "email_subject": "News",
+            "variation_name": "B",
+        },
     }
     message = accepted(payload)
     assert message == {
@@ -176,7 +182,9 @@ def test_a_bounce_with_its_bounce_fields():
 
 
 def test_a_click_with_its_link():
-    payload = minimal("clicked", clicked_at=OPENED_AT, user_agent="UA/1", link_url="https://example.org/a")
+    payload = minimal(
+        "clicked", clicked_at=OPENED_AT, user_agent="UA/1", link_url="https://example.org/a"
+    )
     message = accepted(payload)
     assert message["event"] == "Email Link Clicked"
     assert message["properties"] == {"link_url": "https://example.org/a"}
@@ -247,7 +255,7 @@ def test_a_type_missing_from_a_partial_table_is_not_forwarded():
     ],
 )
 def test_bad_overrides_are_refused_naming_the_key(overrides, error):
-    with pytest.raises(ValueError, match="^VERO_EVENT_NAMES: ") as caught:
+    with pytest.raises(ValueError, match=r"^VERO_EVENT_NAMES: ") as caught:
         event_names_with(overrides)
     assert error in str(caught.value)
 
@@ -344,7 +352,12 @@ def test_another_types_time_field_is_not_used():
 
 
 def test_the_time_received_keeps_milliseconds():
-    result = map_webhook(minimal("sent"), event_names=DEFAULT_EVENT_NAMES, library=LIBRARY, received_at=1700000000.123)
+    result = map_webhook(
+        minimal("sent"),
+        event_names=DEFAULT_EVENT_NAMES,
+        library=LIBRARY,
+        received_at=1700000000.123,
+    )
     assert result.payload["message"]["timestamp"] == "2023-11-14T22:13:20.123Z"
 
 
@@ -362,7 +375,10 @@ def test_the_same_webhook_twice_gives_the_same_id_and_keys():
 
 def test_message_id_does_not_depend_on_the_time_received_or_key_order():
     other = map_webhook(
-        dict(reversed(list(EXAMPLE.items()))), event_names=DEFAULT_EVENT_NAMES, library=LIBRARY, received_at=1
+        dict(reversed(list(EXAMPLE.items()))),
+        event_names=DEFAULT_EVENT_NAMES,
+        library=LIBRARY,
+        received_at=1,
     )
     assert other.payload["message"]["messageId"] == EXAMPLE_MESSAGE_ID
 
@@ -497,7 +513,10 @@ def test_a_numeric_message_id_is_copied_as_given_and_is_the_same_identity_as_its
 
 
 def test_user_agent_becomes_context_user_agent():
-    assert accepted(minimal("opened", user_agent="UA/2"))["context"] == {"userAgent": "UA/2", **CONTEXT}
+    assert accepted(minimal("opened", user_agent="UA/2"))["context"] == {
+        "userAgent": "UA/2",
+        **CONTEXT,
+    }
 
 
 def test_integration_and_library_carry_the_given_version():
@@ -534,7 +553,10 @@ def test_integration_and_library_carry_the_given_version():
             {**EXAMPLE, "opened_at": OPENED_AT * 1000},
             Reject("opened_at: must be a Unix time in seconds", "invalid_field"),
         ),
-        ({**EXAMPLE, "user": {"id": True}}, Reject("user.id: must be a string or an integer", "invalid_field")),
+        (
+            {**EXAMPLE, "user": {"id": True}},
+            Reject("user.id: must be a string or an integer", "invalid_field"),
+        ),
     ],
 )
 def test_invalid_webhooks_are_rejected_naming_the_field(payload, rejection):
@@ -543,7 +565,9 @@ def test_invalid_webhooks_are_rejected_naming_the_field(payload, rejection):
 
 def test_an_unpaired_surrogate_in_a_forwarded_value_is_rejected():
     payload = json.loads('{"type": "opened", "user": {"id": "u"}, "user_agent": "bad \\ud800"}')
-    assert run(payload) == Reject("a text value is not valid Unicode (unpaired surrogate)", "bad_encoding")
+    assert run(payload) == Reject(
+        "a text value is not valid Unicode (unpaired surrogate)", "bad_encoding"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -582,7 +606,7 @@ def test_the_limit_counts_utf8_bytes_not_characters():
 
 
 def test_encode_message_is_compact_utf8_json():
-    assert encode_message({"a": [1, "é"]}) == '{"a":[1,"é"]}'.encode("utf-8")
+    assert encode_message({"a": [1, "é"]}) == '{"a":[1,"é"]}'.encode()
 
 
 # ---------------------------------------------------------------------------
@@ -676,7 +700,10 @@ def test_percent_encoded_invalid_utf8_is_rejected_not_raised():
 @pytest.mark.parametrize(
     ("body", "error"),
     [
-        (b'{"type": "sent",}', "body is not valid JSON: Expecting property name enclosed in double quotes at line 1 column 17"),
+        (
+            b'{"type": "sent",}',
+            "body is not valid JSON: Expecting property name enclosed in double quotes at line 1 column 17",
+        ),
         (b'{"type": "sent"', "body is not valid JSON: Expecting ',' delimiter at line 1 column 16"),
         (b'{"a": NaN}', "body is not valid JSON: NaN is not a JSON value"),
         (b'[{"a": Infinity}]', "body is not valid JSON: Infinity is not a JSON value"),
@@ -698,7 +725,10 @@ def test_bad_json_is_rejected_naming_the_problem(body, error):
         (b"null", Reject("body must be a JSON object or an array of objects", "not_object")),
         (
             b"hello",
-            Reject("body is not JSON: expected a JSON object or array (plain or URL-encoded)", "bad_json"),
+            Reject(
+                "body is not JSON: expected a JSON object or array (plain or URL-encoded)",
+                "bad_json",
+            ),
         ),
     ],
 )

@@ -1,5 +1,6 @@
 """Direction A (MAPPING.md part A): Segment messages to Vero calls, and the
 helpers the HTTP edge uses to split and authenticate request bodies."""
+
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.results import Accept, Reject, Skip
 from blueprints.segment import basic_auth_ok, signature_ok, split_body
+from service.results import Accept, Reject, Skip
 from service.segment_to_vero.mapping import looks_like_email, map_message
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "segment-vero"
@@ -80,7 +81,11 @@ def test_fixture_track_unsubscribe_sends_only_the_id():
 def test_fixture_group_basic_goes_to_users_track_as_data_group():
     case = fixture("group-basic.json")
     assert calls_of(case["input"]) == [
-        call("POST", "/users/track", {"id": "user-id", "data": {"group": case["output"]["changes"]["group"]}})
+        call(
+            "POST",
+            "/users/track",
+            {"id": "user-id", "data": {"group": case["output"]["changes"]["group"]}},
+        )
     ]
 
 
@@ -167,7 +172,9 @@ def test_a_missing_or_unknown_type_is_rejected(kind):
     assert map_(message) == Reject("unsupported message type", "type")
 
 
-@pytest.mark.parametrize("kind", ["identify", "track", "page", "screen", "group", "alias", "delete"])
+@pytest.mark.parametrize(
+    "kind", ["identify", "track", "page", "screen", "group", "alias", "delete"]
+)
 @pytest.mark.parametrize("user_id", [None, ""])
 def test_every_type_needs_a_user_id(kind, user_id):
     message = {"type": kind, "event": "e", "previousId": "p", "anonymousId": "anon-1"}
@@ -178,7 +185,9 @@ def test_every_type_needs_a_user_id(kind, user_id):
 
 def test_with_anonymous_allowed_a_message_without_any_id_names_both():
     message = {"type": "track", "event": "e"}
-    assert map_(message, allow_anonymous=True) == Reject("userId or anonymousId is required", "userId")
+    assert map_(message, allow_anonymous=True) == Reject(
+        "userId or anonymousId is required", "userId"
+    )
 
 
 @pytest.mark.parametrize("user_id", [True, {"id": 1}, [1], float("nan")])
@@ -191,13 +200,21 @@ def test_a_user_id_that_is_not_a_string_or_number_is_rejected(user_id):
     [
         ("userId", track(userId="x" * 255)),
         ("event", track("e" * 255)),
-        ("traits.email", {"type": "identify", "userId": "u1", "traits": {"email": "a@" + "b" * 250 + ".com"}}),
+        (
+            "traits.email",
+            {"type": "identify", "userId": "u1", "traits": {"email": "a@" + "b" * 250 + ".com"}},
+        ),
         ("context.traits.email", track(context={"traits": {"email": "a@" + "b" * 250 + ".com"}})),
         ("userId", track(userId="a@" + "b" * 250 + ".com")),
         ("previousId", {"type": "alias", "userId": "u1", "previousId": "p" * 255}),
         ("groupId", {"type": "group", "userId": "u1", "groupId": "g" * 300}),
         ("properties.id", track("Unsubscribe", properties={"id": "i" * 255})),
-        ("integrations.Vero.tags.id", track(integrations={"Vero": {"tags": {"id": "t" * 255, "action": "add", "values": ["a"]}}})),
+        (
+            "integrations.Vero.tags.id",
+            track(
+                integrations={"Vero": {"tags": {"id": "t" * 255, "action": "add", "values": ["a"]}}}
+            ),
+        ),
     ],
 )
 def test_values_of_255_characters_or_more_are_rejected_naming_the_field(field, message):
@@ -213,7 +230,9 @@ def test_an_anonymous_stand_in_is_held_to_the_same_limit():
 
 def test_values_of_254_characters_are_sent():
     user_id = "x" * 254
-    assert calls_of(track("e" * 254, userId=user_id)) == [event("e" * 254, identity={"id": user_id})]
+    assert calls_of(track("e" * 254, userId=user_id)) == [
+        event("e" * 254, identity={"id": user_id})
+    ]
 
 
 def test_the_length_rule_comes_before_the_tags_and_event_rules():
@@ -246,10 +265,16 @@ def test_what_looks_like_an_email(value, expected):
     [
         ({"type": "identify", "userId": "u1", "traits": {"email": "not-an-email"}}, "traits.email"),
         ({"type": "identify", "userId": "u1", "traits": {"email": 12}}, "traits.email"),
-        ({"type": "identify", "userId": "u1", "context": {"traits": {"email": "jd@localhost"}}}, "context.traits.email"),
+        (
+            {"type": "identify", "userId": "u1", "context": {"traits": {"email": "jd@localhost"}}},
+            "context.traits.email",
+        ),
         ({"type": "identify", "traits": {"email": "nope"}}, "traits.email"),
         (track(context={"traits": {"email": "nope"}}), "context.traits.email"),
-        ({"type": "page", "userId": "u1", "context": {"traits": {"email": "a@@b.com"}}}, "context.traits.email"),
+        (
+            {"type": "page", "userId": "u1", "context": {"traits": {"email": "a@@b.com"}}},
+            "context.traits.email",
+        ),
     ],
 )
 def test_an_email_the_mapping_would_send_must_look_like_one(message, field):
@@ -268,7 +293,11 @@ def test_an_email_the_mapping_would_not_send_is_not_checked():
         call(
             "POST",
             "/users/track",
-            {"id": "u1", "email": "jd@example.com", "data": {"email": "jd@example.com", "id": "u1"}},
+            {
+                "id": "u1",
+                "email": "jd@example.com",
+                "data": {"email": "jd@example.com", "id": "u1"},
+            },
         )
     ]
     # An unsubscribe sends only an id.
@@ -282,14 +311,35 @@ def test_an_email_the_mapping_would_not_send_is_not_checked():
         ("add", "integrations.Vero.tags must be an object"),
         (["a"], "integrations.Vero.tags must be an object"),
         ({"values": ["a"]}, 'integrations.Vero.tags.action must be "add" or "remove"'),
-        ({"action": "Add", "values": ["a"]}, 'integrations.Vero.tags.action must be "add" or "remove"'),
-        ({"action": "delete", "values": ["a"]}, 'integrations.Vero.tags.action must be "add" or "remove"'),
-        ({"action": ["add"], "values": ["a"]}, 'integrations.Vero.tags.action must be "add" or "remove"'),
+        (
+            {"action": "Add", "values": ["a"]},
+            'integrations.Vero.tags.action must be "add" or "remove"',
+        ),
+        (
+            {"action": "delete", "values": ["a"]},
+            'integrations.Vero.tags.action must be "add" or "remove"',
+        ),
+        (
+            {"action": ["add"], "values": ["a"]},
+            'integrations.Vero.tags.action must be "add" or "remove"',
+        ),
         ({"action": "add"}, "integrations.Vero.tags.values must be a non-empty list of strings"),
-        ({"action": "add", "values": []}, "integrations.Vero.tags.values must be a non-empty list of strings"),
-        ({"action": "add", "values": "a"}, "integrations.Vero.tags.values must be a non-empty list of strings"),
-        ({"action": "add", "values": ["a", 2]}, "integrations.Vero.tags.values must be a non-empty list of strings"),
-        ({"action": "add", "values": ["a"], "id": {"x": 1}}, "integrations.Vero.tags.id must be a string or a number"),
+        (
+            {"action": "add", "values": []},
+            "integrations.Vero.tags.values must be a non-empty list of strings",
+        ),
+        (
+            {"action": "add", "values": "a"},
+            "integrations.Vero.tags.values must be a non-empty list of strings",
+        ),
+        (
+            {"action": "add", "values": ["a", 2]},
+            "integrations.Vero.tags.values must be a non-empty list of strings",
+        ),
+        (
+            {"action": "add", "values": ["a"], "id": {"x": 1}},
+            "integrations.Vero.tags.id must be a string or a number",
+        ),
     ],
 )
 def test_malformed_tags_are_rejected_with_the_reason(tags, error):
@@ -302,12 +352,16 @@ def test_tags_without_any_id_to_tag_are_rejected():
         "traits": {"email": "jd@example.com"},
         "integrations": {"Vero": {"tags": {"action": "add", "values": ["vip"]}}},
     }
-    assert map_(message) == Reject("integrations.Vero.tags.id is required when the message has no userId", "tags")
+    assert map_(message) == Reject(
+        "integrations.Vero.tags.id is required when the message has no userId", "tags"
+    )
 
 
 def test_tags_are_checked_before_the_event():
     message = {"type": "track", "userId": "u1", "integrations": {"Vero": {"tags": {"action": "x"}}}}
-    assert map_(message) == Reject('integrations.Vero.tags.action must be "add" or "remove"', "tags")
+    assert map_(message) == Reject(
+        'integrations.Vero.tags.action must be "add" or "remove"', "tags"
+    )
 
 
 @pytest.mark.parametrize("extra", [{}, {"event": ""}, {"event": None}])
@@ -335,13 +389,33 @@ def test_a_lower_case_z_is_utc():
         ({"type": "page", "userId": "u1", "name": 5}, "name must be a string", "name"),
         (track(timestamp="last tuesday"), "timestamp is not an ISO-8601 date", "timestamp"),
         (track(timestamp=1388534400), "timestamp is not an ISO-8601 date", "timestamp"),
-        (track(timestamp=None, originalTimestamp="2014-02-30"), "originalTimestamp is not an ISO-8601 date", "originalTimestamp"),
+        (
+            track(timestamp=None, originalTimestamp="2014-02-30"),
+            "originalTimestamp is not an ISO-8601 date",
+            "originalTimestamp",
+        ),
         (track(messageId=["m"]), "messageId must be a string or a number", "messageId"),
         ({"type": "alias", "userId": "u1"}, "previousId is required", "previousId"),
-        ({"type": "alias", "userId": "u1", "previousId": ""}, "previousId is required", "previousId"),
-        ({"type": "alias", "userId": "u1", "previousId": True}, "previousId must be a string or a number", "previousId"),
-        ({"type": "group", "userId": "u1", "groupId": [1]}, "groupId must be a string or a number", "groupId"),
-        (track("Unsubscribe", properties={"id": {}}), "properties.id must be a string or a number", "properties.id"),
+        (
+            {"type": "alias", "userId": "u1", "previousId": ""},
+            "previousId is required",
+            "previousId",
+        ),
+        (
+            {"type": "alias", "userId": "u1", "previousId": True},
+            "previousId must be a string or a number",
+            "previousId",
+        ),
+        (
+            {"type": "group", "userId": "u1", "groupId": [1]},
+            "groupId must be a string or a number",
+            "groupId",
+        ),
+        (
+            track("Unsubscribe", properties={"id": {}}),
+            "properties.id must be a string or a number",
+            "properties.id",
+        ),
     ],
 )
 def test_wrongly_shaped_fields_are_rejected_naming_them(message, error, code):
@@ -357,7 +431,9 @@ def test_a_reject_handed_in_by_split_body_comes_back_unchanged():
 # Ids, created_at, dedup and order keys
 
 
-@pytest.mark.parametrize("user_id, expected", [(42, "42"), (42.0, "42"), (4.5, "4.5"), (-7, "-7"), ("007", "007")])
+@pytest.mark.parametrize(
+    "user_id, expected", [(42, "42"), (42.0, "42"), (4.5, "4.5"), (-7, "-7"), ("007", "007")]
+)
 def test_ids_given_as_numbers_become_strings(user_id, expected):
     result = map_({"type": "delete", "userId": user_id})
     assert result.payload == {"calls": [call("POST", "/users/delete", {"id": expected})]}
@@ -467,7 +543,13 @@ def test_identify_sends_traits_with_the_id_the_user_agent_and_push_channel():
             {
                 "id": "u1",
                 "email": "jd@example.com",
-                "data": {"email": "jd@example.com", "plan": "pro", "id": "u1", "nothing": None, "userAgent": "UA/1"},
+                "data": {
+                    "email": "jd@example.com",
+                    "plan": "pro",
+                    "id": "u1",
+                    "nothing": None,
+                    "userAgent": "UA/1",
+                },
                 "channels": [{"type": "push", "address": "tok-123", "platform": "ios"}],
             },
         )
@@ -490,7 +572,11 @@ def test_identify_adds_a_push_channel_only_with_both_token_and_os(context):
 
 
 def test_identify_uses_the_user_id_as_email_when_it_looks_like_one():
-    message = {"type": "identify", "userId": "jd@example.com", "context": {"traits": {"email": "x@example.com"}}}
+    message = {
+        "type": "identify",
+        "userId": "jd@example.com",
+        "context": {"traits": {"email": "x@example.com"}},
+    }
     assert calls_of(message) == [
         call(
             "POST",
@@ -501,9 +587,18 @@ def test_identify_uses_the_user_id_as_email_when_it_looks_like_one():
 
 
 def test_identify_falls_back_to_the_context_email():
-    message = {"type": "identify", "userId": "u1", "traits": {"email": None}, "context": {"traits": {"email": "c@example.com"}}}
+    message = {
+        "type": "identify",
+        "userId": "u1",
+        "traits": {"email": None},
+        "context": {"traits": {"email": "c@example.com"}},
+    }
     assert calls_of(message) == [
-        call("POST", "/users/track", {"id": "u1", "email": "c@example.com", "data": {"email": None, "id": "u1"}})
+        call(
+            "POST",
+            "/users/track",
+            {"id": "u1", "email": "c@example.com", "data": {"email": None, "id": "u1"}},
+        )
     ]
 
 
@@ -512,7 +607,11 @@ def test_identify_with_only_an_email_is_keyed_on_the_email():
     result = map_(message)
     assert result.payload == {
         "calls": [
-            call("POST", "/users/track", {"email": "jd@example.com", "data": {"email": "jd@example.com", "name": "JD"}})
+            call(
+                "POST",
+                "/users/track",
+                {"email": "jd@example.com", "data": {"email": "jd@example.com", "name": "JD"}},
+            )
         ]
     }
     assert result.order_key == "jd@example.com"
@@ -534,12 +633,18 @@ def test_anonymous_id_stands_in_for_user_id_when_allowed():
         call(
             "POST",
             "/users/track",
-            {"id": "anon-1", "email": "jd@example.com", "data": {"email": "jd@example.com", "id": "anon-1"}},
+            {
+                "id": "anon-1",
+                "email": "jd@example.com",
+                "data": {"email": "jd@example.com", "id": "anon-1"},
+            },
         )
     ]
     # Not allowed: the email alone keys the user.
     assert calls_of(message) == [
-        call("POST", "/users/track", {"email": "jd@example.com", "data": {"email": "jd@example.com"}})
+        call(
+            "POST", "/users/track", {"email": "jd@example.com", "data": {"email": "jd@example.com"}}
+        )
     ]
 
 
@@ -568,12 +673,16 @@ def test_track_sends_properties_with_the_user_agent_and_identity_email():
 
 def test_track_identity_uses_the_user_id_as_email_when_it_looks_like_one():
     message = track(userId="jd@example.com")
-    assert calls_of(message) == [event("Signed Up", identity={"id": "jd@example.com", "email": "jd@example.com"})]
+    assert calls_of(message) == [
+        event("Signed Up", identity={"id": "jd@example.com", "email": "jd@example.com"})
+    ]
 
 
 def test_context_email_wins_over_an_email_shaped_user_id_in_track():
     message = track(userId="jd@example.com", context={"traits": {"email": "work@example.com"}})
-    assert calls_of(message) == [event("Signed Up", identity={"id": "jd@example.com", "email": "work@example.com"})]
+    assert calls_of(message) == [
+        event("Signed Up", identity={"id": "jd@example.com", "email": "work@example.com"})
+    ]
 
 
 def test_track_without_properties_sends_no_data_and_empty_properties_as_given():
@@ -584,15 +693,27 @@ def test_track_without_properties_sends_no_data_and_empty_properties_as_given():
 
 
 def test_track_leaves_out_null_top_level_keys():
-    message = track(anonymousId=None, context=None, integrations=None, properties=None, messageId=None)
+    message = track(
+        anonymousId=None, context=None, integrations=None, properties=None, messageId=None
+    )
     assert calls_of(message) == [event("Signed Up")]
 
 
 @pytest.mark.parametrize(
-    "name", ["Unsubscribe", "unsubscribed", "UNSUBSCRIBED", "Un Subscribe", "un_subscribed", " Unsubscribe "]
+    "name",
+    [
+        "Unsubscribe",
+        "unsubscribed",
+        "UNSUBSCRIBED",
+        "Un Subscribe",
+        "un_subscribed",
+        " Unsubscribe ",
+    ],
 )
 def test_unsubscribe_names_unsubscribe_the_user(name):
-    assert calls_of(track(name, properties={"reason": "x"})) == [call("POST", "/users/unsubscribe", {"id": "u1"})]
+    assert calls_of(track(name, properties={"reason": "x"})) == [
+        call("POST", "/users/unsubscribe", {"id": "u1"})
+    ]
 
 
 @pytest.mark.parametrize("name", ["Resubscribe", "resubscribed", "RE_SUBSCRIBED", "re subscribe"])
@@ -601,7 +722,14 @@ def test_resubscribe_names_resubscribe_the_user(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["Newsletter Unsubscribed", "Unsubscribe Clicked", "un-subscribe", "Unsubscriber", "Resubscribe Later"]
+    "name",
+    [
+        "Newsletter Unsubscribed",
+        "Unsubscribe Clicked",
+        "un-subscribe",
+        "Unsubscriber",
+        "Resubscribe Later",
+    ],
 )
 def test_names_that_only_contain_unsubscribe_are_ordinary_events(name):
     assert calls_of(track(name)) == [event(name)]
@@ -644,7 +772,9 @@ def test_order_completed_is_matched_like_unsubscribe():
 
 
 def test_order_completed_without_a_products_array_is_an_ordinary_event():
-    assert calls_of(track("Order Completed", properties={"total": 3})) == [event("Order Completed", {"total": 3})]
+    assert calls_of(track("Order Completed", properties={"total": 3})) == [
+        event("Order Completed", {"total": 3})
+    ]
     assert calls_of(track("Order Completed", properties={"products": {"sku": "a"}})) == [
         event("Order Completed", {"products": {"sku": "a"}})
     ]
@@ -714,7 +844,9 @@ def test_page_without_anything_sends_no_data_and_leaves_out_empty_names():
 
 def test_page_identity_is_as_for_track():
     message = {"type": "page", "userId": "jd@example.com", "timestamp": "2014"}
-    assert calls_of(message) == [event("viewed_page", identity={"id": "jd@example.com", "email": "jd@example.com"})]
+    assert calls_of(message) == [
+        event("viewed_page", identity={"id": "jd@example.com", "email": "jd@example.com"})
+    ]
 
 
 def test_screen_is_sent_as_viewed_screen():
@@ -727,7 +859,11 @@ def test_screen_is_sent_as_viewed_screen():
         "context": {"traits": {"email": "jd@example.com"}},
     }
     assert calls_of(message) == [
-        event("viewed_screen", {"variant": "b", "name": "Home"}, identity={"id": "u1", "email": "jd@example.com"})
+        event(
+            "viewed_screen",
+            {"variant": "b", "name": "Home"},
+            identity={"id": "u1", "email": "jd@example.com"},
+        )
     ]
 
 
@@ -743,7 +879,11 @@ def test_group_sends_traits_without_email_under_data_group_with_the_group_id():
         "traits": {"name": "Acme", "email": "billing@acme.example", "id": "old", "plan": None},
     }
     assert calls_of(message) == [
-        call("POST", "/users/track", {"id": "u1", "data": {"group": {"name": "Acme", "id": "g-7", "plan": None}}})
+        call(
+            "POST",
+            "/users/track",
+            {"id": "u1", "data": {"group": {"name": "Acme", "id": "g-7", "plan": None}}},
+        )
     ]
 
 
@@ -770,7 +910,12 @@ def test_alias_without_a_user_id_is_rejected():
 
 
 def test_delete_deletes_the_user():
-    message = {"type": "delete", "userId": "u1", "messageId": "d-1", "context": {"library": {"name": "x"}}}
+    message = {
+        "type": "delete",
+        "userId": "u1",
+        "messageId": "d-1",
+        "context": {"library": {"name": "x"}},
+    }
     result = map_(message)
     assert result == Accept(
         dedup_key="a:d-1",
@@ -810,7 +955,9 @@ def test_tags_with_an_id_on_an_email_only_identify():
         "integrations": {"Vero": {"tags": {"id": "jd-1", "action": "add", "values": ["lead"]}}},
     }
     assert calls_of(message) == [
-        call("POST", "/users/track", {"email": "jd@example.com", "data": {"email": "jd@example.com"}}),
+        call(
+            "POST", "/users/track", {"email": "jd@example.com", "data": {"email": "jd@example.com"}}
+        ),
         call("PUT", "/users/tags/edit", {"id": "jd-1", "add": ["lead"]}),
     ]
 
@@ -842,7 +989,11 @@ def test_tags_follow_every_call_of_an_order():
 
 
 def test_tags_on_unsubscribe_use_the_user_id_when_tags_have_no_id():
-    message = track("Unsubscribe", properties={"id": "p"}, integrations={"Vero": {"tags": {"action": "add", "values": ["gone"]}}})
+    message = track(
+        "Unsubscribe",
+        properties={"id": "p"},
+        integrations={"Vero": {"tags": {"action": "add", "values": ["gone"]}}},
+    )
     assert calls_of(message) == [
         call("POST", "/users/unsubscribe", {"id": "p"}),
         call("PUT", "/users/tags/edit", {"id": "u1", "add": ["gone"]}),
@@ -911,7 +1062,10 @@ def test_split_body_merges_batch_context_and_integrations_one_level_deep():
 
 
 def test_split_body_merges_nothing_deeper_than_one_level():
-    body = {"batch": [{"type": "track", "context": {"traits": {"a": 1}}}], "context": {"traits": {"b": 2}}}
+    body = {
+        "batch": [{"type": "track", "context": {"traits": {"a": 1}}}],
+        "context": {"traits": {"b": 2}},
+    }
     assert split_body(body, None) == [{"type": "track", "context": {"traits": {"a": 1}}}]
 
 
@@ -934,7 +1088,15 @@ def test_split_body_rejects_a_body_of_another_shape(body):
 
 
 def test_split_body_fills_in_the_route_type_and_rejects_a_contradiction_per_item():
-    body = {"batch": [{"userId": "u1"}, {"type": "page"}, {"type": "track", "event": "e"}, {"type": None}, []]}
+    body = {
+        "batch": [
+            {"userId": "u1"},
+            {"type": "page"},
+            {"type": "track", "event": "e"},
+            {"type": None},
+            [],
+        ]
+    }
     assert split_body(body, "track") == [
         {"userId": "u1", "type": "track"},
         Reject("type must be 'track' on /v1/track", "type"),
@@ -1017,21 +1179,36 @@ def test_basic_auth_user_name_must_be_the_secret():
 # --------------------------------------------------------------------------
 # Whatever arrives, the mapping answers with one of the three outcomes
 
-_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+)
 _json = st.recursive(
-    _scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=12
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=12,
 )
 _field_values = {
-    "type": st.sampled_from(["identify", "track", "page", "screen", "group", "alias", "delete", "x"]),
+    "type": st.sampled_from(
+        ["identify", "track", "page", "screen", "group", "alias", "delete", "x"]
+    ),
     "userId": st.none() | st.text(max_size=4) | st.integers(),
     "anonymousId": _scalars,
     "event": st.sampled_from(["Order Completed", "Unsubscribe", "Signed Up", ""]) | _scalars,
     "timestamp": st.sampled_from(["2014", "2014-01-01T00:00:00Z", "bad"]) | _scalars,
     "traits": _json,
-    "properties": st.fixed_dictionaries({}, optional={"products": _json, "id": _scalars, "url": _scalars}) | _json,
+    "properties": st.fixed_dictionaries(
+        {}, optional={"products": _json, "id": _scalars, "url": _scalars}
+    )
+    | _json,
     "context": _json,
     "integrations": st.fixed_dictionaries(
-        {}, optional={"All": _scalars, "Vero": st.fixed_dictionaries({}, optional={"tags": _json}) | _scalars}
+        {},
+        optional={
+            "All": _scalars,
+            "Vero": st.fixed_dictionaries({}, optional={"tags": _json}) | _scalars,
+        },
     ),
     "previousId": _scalars,
     "groupId": _scalars,
@@ -1053,7 +1230,10 @@ def test_any_json_maps_to_an_outcome_without_raising(message, allow_anonymous):
 
 
 @settings(max_examples=200, deadline=None)
-@given(body=_json | st.fixed_dictionaries({"batch": _json}, optional={"context": _json, "integrations": _json}))
+@given(
+    body=_json
+    | st.fixed_dictionaries({"batch": _json}, optional={"context": _json, "integrations": _json})
+)
 def test_any_body_splits_without_raising(body):
     for route_type in (None, "track"):
         assert isinstance(split_body(body, route_type), (list, Reject))

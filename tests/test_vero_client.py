@@ -1,5 +1,6 @@
 """The Vero sender on its own: real HTTP to a stand-in Vero, one claimed item at
 a time, and what each kind of answer turns into."""
+
 from __future__ import annotations
 
 import threading
@@ -17,17 +18,34 @@ from tests.support import free_port
 
 TOKEN = "dG9rZW46c2VjcmV0/+bXk="  # base64-like, with the characters encoders escape
 
-IDENTIFY = {"method": "POST", "path": "/users/track", "body": {"id": "u1", "email": "u1@example.org"}}
-EVENT = {"method": "POST", "path": "/events/track",
-         "body": {"identity": {"id": "u1"}, "event_name": "Signed Up",
-                  "extras": {"created_at": 1700000000, "source": "segment"}}}
+IDENTIFY = {
+    "method": "POST",
+    "path": "/users/track",
+    "body": {"id": "u1", "email": "u1@example.org"},
+}
+EVENT = {
+    "method": "POST",
+    "path": "/events/track",
+    "body": {
+        "identity": {"id": "u1"},
+        "event_name": "Signed Up",
+        "extras": {"created_at": 1700000000, "source": "segment"},
+    },
+}
 TAGS = {"method": "PUT", "path": "/users/tags/edit", "body": {"id": "u1", "add": ["vip"]}}
 
 
 def item(calls, progress=0, item_id=1, user="u1"):
-    return Item(id=item_id, direction="segment_to_vero", order_key=user,
-                payload={"calls": calls}, attempts=1, progress=progress,
-                created_at=time.time(), lease="lease")
+    return Item(
+        id=item_id,
+        direction="segment_to_vero",
+        order_key=user,
+        payload={"calls": calls},
+        attempts=1,
+        progress=progress,
+        created_at=time.time(),
+        lease="lease",
+    )
 
 
 def sender_for(httpserver, **settings) -> VeroSender:
@@ -64,8 +82,10 @@ def test_every_call_is_sent_in_order_with_the_credential_in_its_json_body(httpse
 def test_the_tracking_api_key_is_sent_under_its_own_name(httpserver):
     httpserver.expect_request("/api/v2/users/track").respond_with_json({"status": 200})
 
-    outcome = send_one(sender_for(httpserver, vero_auth_token=None, vero_tracking_api_key="key-1"),
-                       item([IDENTIFY]))
+    outcome = send_one(
+        sender_for(httpserver, vero_auth_token=None, vero_tracking_api_key="key-1"),
+        item([IDENTIFY]),
+    )
 
     assert outcome.kind == SUCCEEDED
     assert received(httpserver) == [with_token(IDENTIFY, "tracking_api_key", "key-1")]
@@ -105,16 +125,20 @@ def test_temporary_answers_are_retried_from_the_call_that_failed(httpserver, sta
 @pytest.mark.parametrize("status", [301, 400, 401, 403, 404, 409, 422, 501, 505])
 def test_other_answers_are_permanent_and_the_later_calls_are_not_sent(httpserver, status):
     httpserver.expect_request("/api/v2/users/track").respond_with_data(
-        '{"status": %d, "message": "Invalid data"}' % status, status=status,
-        headers={"Location": "https://elsewhere.example/"})
+        '{"status": %d, "message": "Invalid data"}' % status,
+        status=status,
+        headers={"Location": "https://elsewhere.example/"},
+    )
 
     outcome = send_one(sender_for(httpserver), item([IDENTIFY, EVENT, TAGS]))
 
     assert outcome.kind == FAILED
     assert outcome.progress == 0
     assert outcome.status == f"{status // 100}xx"
-    assert outcome.error == (f'POST /users/track: Vero answered {status}: {{"status": {status},'
-                             ' "message": "Invalid data"} (2 later calls of this message not sent)')
+    assert outcome.error == (
+        f'POST /users/track: Vero answered {status}: {{"status": {status},'
+        ' "message": "Invalid data"} (2 later calls of this message not sent)'
+    )
     # A redirect is not followed either: only the one request reached Vero.
     assert received(httpserver) == [with_token(IDENTIFY)]
 
@@ -129,7 +153,8 @@ def test_a_failure_of_the_last_call_mentions_no_later_calls(httpserver):
 
 def test_a_long_answer_is_cut_to_a_short_excerpt_on_one_line(httpserver):
     httpserver.expect_request("/api/v2/users/track").respond_with_data(
-        "<html>\n  <body>" + "x" * 5000 + "</body></html>", status=400)
+        "<html>\n  <body>" + "x" * 5000 + "</body></html>", status=400
+    )
 
     error = send_one(sender_for(httpserver), item([IDENTIFY])).error
 
@@ -141,18 +166,22 @@ def test_a_long_answer_is_cut_to_a_short_excerpt_on_one_line(httpserver):
 def test_the_credential_is_redacted_when_an_answer_echoes_it(httpserver):
     escaped = TOKEN.replace("/", "\\/")
     httpserver.expect_request("/api/v2/users/track").respond_with_data(
-        f'{{"auth_token": "{TOKEN}", "echo": "{escaped}"}} invalid', status=401)
+        f'{{"auth_token": "{TOKEN}", "echo": "{escaped}"}} invalid', status=401
+    )
 
     error = send_one(sender_for(httpserver), item([IDENTIFY])).error
 
     assert TOKEN not in error and escaped not in error
-    assert error == ('POST /users/track: Vero answered 401: {"auth_token": "[redacted]",'
-                     ' "echo": "[redacted]"} invalid')
+    assert error == (
+        'POST /users/track: Vero answered 401: {"auth_token": "[redacted]",'
+        ' "echo": "[redacted]"} invalid'
+    )
 
 
 def test_retry_after_in_seconds_is_passed_on(httpserver):
     httpserver.expect_request("/api/v2/users/track").respond_with_data(
-        "slow down", status=429, headers={"Retry-After": "7"})
+        "slow down", status=429, headers={"Retry-After": "7"}
+    )
 
     outcome = send_one(sender_for(httpserver), item([IDENTIFY]))
 
@@ -161,8 +190,8 @@ def test_retry_after_in_seconds_is_passed_on(httpserver):
 
 def test_retry_after_as_an_http_date_is_passed_on_as_seconds_from_now(httpserver):
     httpserver.expect_request("/api/v2/users/track").respond_with_data(
-        "down for maintenance", status=503,
-        headers={"Retry-After": "Fri, 31 Dec 2100 23:59:59 GMT"})
+        "down for maintenance", status=503, headers={"Retry-After": "Fri, 31 Dec 2100 23:59:59 GMT"}
+    )
 
     outcome = send_one(sender_for(httpserver), item([IDENTIFY]))
 
@@ -170,19 +199,22 @@ def test_retry_after_as_an_http_date_is_passed_on_as_seconds_from_now(httpserver
     assert outcome.retry_after == pytest.approx(4133980799 - time.time(), abs=60)
 
 
-@pytest.mark.parametrize("header, expected", [
-    ("120", 120.0),
-    (" 1.5 ", 1.5),
-    ("0", 0.0),
-    ("-5", 0.0),
-    ("Wed, 21 Oct 2015 07:28:00 GMT", 60.0),
-    ("Wed, 21 Oct 2015 07:26:00 GMT", 0.0),  # in the past: now
-    (None, None),
-    ("", None),
-    ("soon", None),
-    ("nan", None),
-    ("inf", None),
-])
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ("120", 120.0),
+        (" 1.5 ", 1.5),
+        ("0", 0.0),
+        ("-5", 0.0),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 60.0),
+        ("Wed, 21 Oct 2015 07:26:00 GMT", 0.0),  # in the past: now
+        (None, None),
+        ("", None),
+        ("soon", None),
+        ("nan", None),
+        ("inf", None),
+    ],
+)
 def test_retry_after_reads_seconds_or_an_http_date(header, expected):
     now = 1445412420.0  # Wed, 21 Oct 2015 07:27:00 GMT
     assert retry_after_seconds(header, now=now) == expected
@@ -190,7 +222,9 @@ def test_retry_after_reads_seconds_or_an_http_date(header, expected):
 
 def test_a_closed_port_is_a_network_error_to_retry(httpserver):
     port = free_port()  # bound and released: nothing listens there
-    sender = VeroSender(Config(vero_auth_token=TOKEN, vero_api_url=f"http://127.0.0.1:{port}/api/v2"))
+    sender = VeroSender(
+        Config(vero_auth_token=TOKEN, vero_api_url=f"http://127.0.0.1:{port}/api/v2")
+    )
 
     outcome = send_one(sender, item([IDENTIFY, EVENT], progress=1))
 
@@ -224,7 +258,8 @@ def test_items_are_independent_one_failing_does_not_stop_the_next(httpserver):
     bad = {"method": "POST", "path": "/users/track", "body": {"id": "bad"}}
 
     outcomes = sender_for(httpserver).send(
-        [item([bad], item_id=1, user="bad"), item([IDENTIFY], item_id=2)], threading.Event())
+        [item([bad], item_id=1, user="bad"), item([IDENTIFY], item_id=2)], threading.Event()
+    )
 
     assert [outcome.kind for outcome in outcomes] == [FAILED, SUCCEEDED]
     assert received(httpserver) == [with_token(bad), with_token(IDENTIFY)]
@@ -246,16 +281,25 @@ def test_a_round_starts_no_call_its_lease_might_not_cover(httpserver):
     httpserver.expect_request("/api/v2/users/track").respond_with_json({"status": 200})
     sender = sender_for(httpserver, outbox_lease_seconds=1.0)
 
-    outcomes = sender.send([item([IDENTIFY, EVENT]), item([IDENTIFY], item_id=2, user="u2")],
-                           threading.Event())
+    outcomes = sender.send(
+        [item([IDENTIFY, EVENT]), item([IDENTIFY], item_id=2, user="u2")], threading.Event()
+    )
 
     assert [(o.kind, o.progress) for o in outcomes] == [(RELEASED, 1), (RELEASED, None)]
     assert received(httpserver) == [with_token(IDENTIFY)]
 
 
 def test_an_item_without_a_valid_call_list_is_dead_at_once(httpserver):
-    broken = Item(id=1, direction="segment_to_vero", order_key="u1", payload={"calls": [{"path": 3}]},
-                  attempts=1, progress=0, created_at=time.time(), lease="lease")
+    broken = Item(
+        id=1,
+        direction="segment_to_vero",
+        order_key="u1",
+        payload={"calls": [{"path": 3}]},
+        attempts=1,
+        progress=0,
+        created_at=time.time(),
+        lease="lease",
+    )
 
     outcome = send_one(sender_for(httpserver), broken)
 

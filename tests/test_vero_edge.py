@@ -2,10 +2,11 @@
 batches out of the outbox. The Flask test client posts the webhooks; delivery
 rounds are run by hand (`run_once`) with the real Segment sender talking to a
 pytest-httpserver stand-in for Segment's HTTP API."""
+
 import base64
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import quote, urlencode
 
 import pytest
@@ -13,9 +14,9 @@ from werkzeug import Response
 
 from service.directions import VERO_TO_SEGMENT
 from service.outbox import DEAD, DELIVERED, PENDING
+from service.runtime import get_runtime
 from service.vero_to_segment.sender import MAX_REQUEST_BYTES
 from tests.conftest import wait_for
-from service.runtime import get_runtime
 
 TOKEN = "hook-token-7c1e52"
 WRITE_KEY = "wk_edge_51b2d0"
@@ -28,9 +29,16 @@ EXAMPLE = {
     "opened_at": 1700000000,
     "user_agent": "Mozilla/5.0",
     "user": {"id": "u_42", "email": "someone@example.org"},
-    "campaign": {"id": 101, "type": "behavioural", "name": "Welcome", "subject": "Hi",
-                 "trigger-event": "signed up", "permalink": "https://example.org/view/1",
-                 "variation": "A", "channel": "email"},
+    "campaign": {
+        "id": 101,
+        "type": "behavioural",
+        "name": "Welcome",
+        "subject": "Hi",
+        "trigger-event": "signed up",
+        "permalink": "https://example.org/view/1",
+        "variation": "A",
+        "channel": "email",
+    },
     "message_id": "abc123@mail.example",
 }
 # What Segment must receive for it (the id is pinned in test_to_segment.py too).
@@ -74,8 +82,14 @@ EVENT_NAMES = {
 
 
 def webhook(event_type: str = "opened", user: str = "u_1", at: int = 1700000000, **extra) -> dict:
-    return {"type": event_type, f"{event_type}_at": at, "user": {"id": user},
-            "campaign": {"id": 7, "name": "Digest"}, "message_id": f"m-{user}", **extra}
+    return {
+        "type": event_type,
+        f"{event_type}_at": at,
+        "user": {"id": user},
+        "campaign": {"id": 7, "name": "Digest"},
+        "message_id": f"m-{user}",
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -110,8 +124,13 @@ def post(client, body, path=HOOK, **kwargs):
 
 
 def ok(accepted=0, duplicate=0, skipped=0, rejected=()):
-    return {"success": True, "accepted": accepted, "duplicate": duplicate, "skipped": skipped,
-            "rejected": list(rejected)}
+    return {
+        "success": True,
+        "accepted": accepted,
+        "duplicate": duplicate,
+        "skipped": skipped,
+        "rejected": list(rejected),
+    }
 
 
 def deliver(app) -> int:
@@ -123,8 +142,11 @@ def store(app):
 
 
 def states(app) -> dict[str, int]:
-    return {state: n for (direction, state), n in store(app).counts(time.time()).items()
-            if direction == VERO_TO_SEGMENT}
+    return {
+        state: n
+        for (direction, state), n in store(app).counts(time.time()).items()
+        if direction == VERO_TO_SEGMENT
+    }
 
 
 def sent_requests(httpserver) -> list:
@@ -154,7 +176,10 @@ def test_the_right_token_is_accepted_and_delivery_sends_the_exact_request(app, c
 
     [request] = sent_requests(segment_ok)
     assert (request.method, request.path) == ("POST", "/v1/batch")
-    assert request.headers["Authorization"] == "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    assert (
+        request.headers["Authorization"]
+        == "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    )
     body = json.loads(request.get_data())
     assert set(body) == {"batch", "sentAt", "writeKey"}
     assert body["batch"] == [EXAMPLE_TRACK]
@@ -166,10 +191,16 @@ def test_the_right_token_is_accepted_and_delivery_sends_the_exact_request(app, c
 
 
 def test_a_wrong_token_is_401_and_nothing_is_stored(app, client, segment_ok):
-    for path in ("/vero/webhooks/wrong", f"/vero/webhooks/{TOKEN}x", f"/vero/webhooks/{TOKEN[:-1]}"):
+    for path in (
+        "/vero/webhooks/wrong",
+        f"/vero/webhooks/{TOKEN}x",
+        f"/vero/webhooks/{TOKEN[:-1]}",
+    ):
         response = post(client, EXAMPLE, path=path)
         assert (response.status_code, response.json) == (
-            401, {"error": "unauthorized: the token in the URL is not valid"})
+            401,
+            {"error": "unauthorized: the token in the URL is not valid"},
+        )
     assert states(app) == {}
     assert deliver(app) == 0 and segment_ok.log == []
 
@@ -185,7 +216,10 @@ def test_without_a_write_key_direction_b_is_503_not_configured(make_app, env):
     client = make_app({**env, "SEGMENT_WRITE_KEY": ""}).test_client()
     for path in (HOOK, "/vero/webhooks/wrong"):  # configuration is checked before the token
         response = post(client, EXAMPLE, path=path)
-        assert (response.status_code, response.json) == (503, {"error": "not configured: set SEGMENT_WRITE_KEY"})
+        assert (response.status_code, response.json) == (
+            503,
+            {"error": "not configured: set SEGMENT_WRITE_KEY"},
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -198,12 +232,18 @@ def test_a_body_that_is_not_json_is_400(client):
     assert response.json["error"].startswith("body is not valid JSON")
 
 
-@pytest.mark.parametrize("encode", [
-    lambda text: quote(text),
-    lambda text: urlencode({"payload": text}),
-], ids=["whole-body", "form-field"])
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda text: quote(text),
+        lambda text: urlencode({"payload": text}),
+    ],
+    ids=["whole-body", "form-field"],
+)
 def test_url_encoded_bodies_are_the_same_webhook(app, client, segment_ok, encode):
-    response = post(client, encode(json.dumps(EXAMPLE)), content_type="application/x-www-form-urlencoded")
+    response = post(
+        client, encode(json.dumps(EXAMPLE)), content_type="application/x-www-form-urlencoded"
+    )
     assert (response.status_code, response.json) == (200, ok(accepted=1))
     # The plain JSON of the same event is recognised as the same event.
     assert post(client, EXAMPLE).json == ok(duplicate=1)
@@ -212,14 +252,23 @@ def test_url_encoded_bodies_are_the_same_webhook(app, client, segment_ok, encode
 
 
 def test_an_array_body_accepts_the_valid_items_and_lists_the_rejected(app, client, segment_ok):
-    body = [webhook(user="a"), 42, webhook(user="b"), {"type": "user_created", "user": {"id": "c"}},
-            {"type": "opened", "user": {}}]
+    body = [
+        webhook(user="a"),
+        42,
+        webhook(user="b"),
+        {"type": "user_created", "user": {"id": "c"}},
+        {"type": "opened", "user": {}},
+    ]
     response = post(client, body)
     assert response.status_code == 200
-    assert response.json == ok(accepted=2, skipped=1, rejected=[
-        {"index": 1, "error": "webhook must be a JSON object"},
-        {"index": 4, "error": "user.id or user.email is required"},
-    ])
+    assert response.json == ok(
+        accepted=2,
+        skipped=1,
+        rejected=[
+            {"index": 1, "error": "webhook must be a JSON object"},
+            {"index": 4, "error": "user.id or user.email is required"},
+        ],
+    )
     deliver(app)
     assert sorted(m["userId"] for m in all_sent(segment_ok)) == ["a", "b"]
 
@@ -242,31 +291,41 @@ def test_every_vero_email_event_type_is_forwarded_under_its_segment_name(app, cl
     assert deliver(app) == len(EVENT_NAMES)
     [request] = sent_requests(segment_ok)  # distinct users: one claim, one request
     by_user = {m["userId"]: m for m in batch_of(request)}
-    for n, (event_type, name) in enumerate(EVENT_NAMES.items()):
+    for n, name in enumerate(EVENT_NAMES.values()):
         message = by_user[f"u{n}"]
         assert (message["type"], message["event"]) == ("track", name)
-        assert message["timestamp"] == datetime.fromtimestamp(at + n, timezone.utc).strftime(
-            "%Y-%m-%dT%H:%M:%S.000Z")
+        assert message["timestamp"] == datetime.fromtimestamp(at + n, UTC).strftime(
+            "%Y-%m-%dT%H:%M:%S.000Z"
+        )
         assert message["properties"]["email_id"] == f"m-u{n}"
         assert message["properties"]["campaign_id"] == 7
         assert message["context"]["integration"] == {"name": "vero", "version": VERSION["version"]}
     bounced = by_user[f"u{list(EVENT_NAMES).index('bounced')}"]["properties"]
     assert (bounced["bounce_type"], bounced["bounce_code"], bounced["bounce_message"]) == (
-        "hard", 550, "no such user")
+        "hard",
+        550,
+        "no such user",
+    )
     clicked = by_user[f"u{list(EVENT_NAMES).index('clicked')}"]["properties"]
     assert clicked["link_url"] == "https://example.org/offer"
     assert len({m["messageId"] for m in by_user.values()}) == len(EVENT_NAMES)
 
 
-@pytest.mark.parametrize("payload", [
-    {"type": "user_created", "user_created_at": 1700000000, "user": {"id": "u1"}},
-    {"type": "user_updated", "user": {"id": "u1"}, "changes": {"plan": "pro"}},
-    {"action": "user_updated", "user": {"id": "u1"}},
-    {"type": "page_viewed", "user": {"id": "u1"}},
-    # Not forwarded, so not validated either: Vero would only log our refusal.
-    {"type": "user_updated", "user": "not an object"},
-], ids=["user_created", "user_updated", "action", "unknown", "invalid-user-event"])
-def test_user_events_and_unknown_types_are_acknowledged_and_never_forwarded(app, client, segment_ok, payload):
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"type": "user_created", "user_created_at": 1700000000, "user": {"id": "u1"}},
+        {"type": "user_updated", "user": {"id": "u1"}, "changes": {"plan": "pro"}},
+        {"action": "user_updated", "user": {"id": "u1"}},
+        {"type": "page_viewed", "user": {"id": "u1"}},
+        # Not forwarded, so not validated either: Vero would only log our refusal.
+        {"type": "user_updated", "user": "not an object"},
+    ],
+    ids=["user_created", "user_updated", "action", "unknown", "invalid-user-event"],
+)
+def test_user_events_and_unknown_types_are_acknowledged_and_never_forwarded(
+    app, client, segment_ok, payload
+):
     response = post(client, payload)
     assert (response.status_code, response.json) == (200, ok(skipped=1))
     assert states(app) == {}
@@ -274,7 +333,9 @@ def test_user_events_and_unknown_types_are_acknowledged_and_never_forwarded(app,
 
 
 def test_vero_event_names_renames_and_null_stops_forwarding(make_app, env, segment_ok):
-    app = make_app({**env, "VERO_EVENT_NAMES": json.dumps({"opened": None, "Clicked": "Link Clicked"})})
+    app = make_app(
+        {**env, "VERO_EVENT_NAMES": json.dumps({"opened": None, "Clicked": "Link Clicked"})}
+    )
     client = app.test_client()
     assert post(client, webhook("opened", user="a")).json == ok(skipped=1)
     assert post(client, webhook("clicked", user="b")).json == ok(accepted=1)
@@ -288,13 +349,19 @@ def test_a_webhook_without_a_user_is_400_naming_the_field(app, client, user):
     if user is None:
         del payload["user"]
     response = post(client, payload)
-    assert (response.status_code, response.json) == (400, {"error": "user.id or user.email is required"})
+    assert (response.status_code, response.json) == (
+        400,
+        {"error": "user.id or user.email is required"},
+    )
     assert states(app) == {}
 
 
 def test_an_invalid_field_is_400_naming_it(client):
     response = post(client, {**webhook(), "opened_at": "yesterday"})
-    assert (response.status_code, response.json) == (400, {"error": "opened_at: must be a Unix time in seconds"})
+    assert (response.status_code, response.json) == (
+        400,
+        {"error": "opened_at: must be a Unix time in seconds"},
+    )
 
 
 def test_an_email_only_user_is_sent_as_anonymous_id(app, client, segment_ok):
@@ -309,7 +376,11 @@ def test_an_email_only_user_is_sent_as_anonymous_id(app, client, segment_ok):
 def test_the_same_event_twice_is_a_duplicate_and_delivered_once(app, client, segment_ok):
     assert post(client, EXAMPLE).json == ok(accepted=1)
     # A retry by Vero: same identity, even with other details changed.
-    again = {**EXAMPLE, "user": {"id": "u_42", "email": "new@example.org"}, "user_agent": "Other/1.0"}
+    again = {
+        **EXAMPLE,
+        "user": {"id": "u_42", "email": "new@example.org"},
+        "user_agent": "Other/1.0",
+    }
     assert post(client, again).json == ok(duplicate=1)
     assert post(client, [EXAMPLE, EXAMPLE]).json == ok(duplicate=2)
     assert deliver(app) == 1
@@ -337,7 +408,9 @@ def test_a_body_over_max_body_bytes_is_413(make_app, env):
     client = make_app({**env, "MAX_BODY_BYTES": "1024"}).test_client()
     response = post(client, webhook(campaign={"id": 7, "name": "x" * 2000}))
     assert (response.status_code, response.json) == (
-        413, {"error": "request body is larger than the limit of 1024 bytes"})
+        413,
+        {"error": "request body is larger than the limit of 1024 bytes"},
+    )
 
 
 def test_an_unwritable_outbox_is_503_so_vero_may_retry(make_app, env, tmp_path):
@@ -345,7 +418,10 @@ def test_an_unwritable_outbox_is_503_so_vero_may_retry(make_app, env, tmp_path):
     blocker.write_text("a file where the store's folder should be")
     client = make_app({**env, "DATABASE_URL": f"sqlite:///{blocker}/outbox.db"}).test_client()
     response = post(client, EXAMPLE)
-    assert (response.status_code, response.json) == (503, {"error": "the outbox cannot be written; retry later"})
+    assert (response.status_code, response.json) == (
+        503,
+        {"error": "the outbox cannot be written; retry later"},
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -369,10 +445,13 @@ def test_one_users_events_leave_in_the_order_they_came(app, client, segment_ok):
         pass
     # One user's burst leaves together, in order.
     assert [[m["event"] for m in batch_of(r)] for r in sent_requests(segment_ok)] == [
-        ["Email Sent", "Email Opened", "Email Link Clicked"]]
+        ["Email Sent", "Email Opened", "Email Link Clicked"]
+    ]
 
 
-def test_large_messages_are_spread_over_as_few_requests_as_the_size_limit_allows(app, client, segment_ok):
+def test_large_messages_are_spread_over_as_few_requests_as_the_size_limit_allows(
+    app, client, segment_ok
+):
     count = 40
     for n in range(count):
         post(client, webhook(user=f"u{n}", campaign={"id": 7, "name": f"{n:02d}" + "x" * 20_000}))
@@ -381,13 +460,19 @@ def test_large_messages_are_spread_over_as_few_requests_as_the_size_limit_allows
     requests = sent_requests(segment_ok)
     sizes = [len(r.get_data()) for r in requests]
     assert len(requests) > 1 and max(sizes) <= MAX_REQUEST_BYTES
-    envelope = len(json.dumps({"batch": [], "sentAt": "2023-11-14T22:13:20.000Z", "writeKey": WRITE_KEY},
-                              separators=(",", ":")))
+    envelope = len(
+        json.dumps(
+            {"batch": [], "sentAt": "2023-11-14T22:13:20.000Z", "writeKey": WRITE_KEY},
+            separators=(",", ":"),
+        )
+    )
     # As few as possible: no two requests could have been sent as one.
     for i in range(len(sizes)):
         for j in range(i + 1, len(sizes)):
             assert sizes[i] + sizes[j] - envelope + 1 > MAX_REQUEST_BYTES
-    assert sorted(m["userId"] for m in all_sent(segment_ok)) == sorted(f"u{n}" for n in range(count))
+    assert sorted(m["userId"] for m in all_sent(segment_ok)) == sorted(
+        f"u{n}" for n in range(count)
+    )
 
 
 def test_a_refused_batch_is_split_so_only_the_bad_message_is_dead_lettered(app, client, httpserver):
@@ -400,15 +485,21 @@ def test_a_refused_batch_is_split_so_only_the_bad_message_is_dead_lettered(app, 
 
     httpserver.expect_request("/v1/batch").respond_with_handler(segment)
     users = [f"u{n}" for n in range(7)]
-    post(client, [webhook(user=u) for u in users[:3]] + [webhook(user="bad")]
-         + [webhook(user=u) for u in users[3:]])
+    post(
+        client,
+        [webhook(user=u) for u in users[:3]]
+        + [webhook(user="bad")]
+        + [webhook(user=u) for u in users[3:]],
+    )
     assert deliver(app) == 8
 
     assert states(app) == {DELIVERED: 7, DEAD: 1}
     [dead] = store(app).dead(VERO_TO_SEGMENT, 10)
     assert dead.payload["message"]["userId"] == "bad"
     assert dead.error == "Segment answered 400: " + json.dumps(reason)
-    delivered = [m["userId"] for r, resp in httpserver.log if resp.status_code == 200 for m in batch_of(r)]
+    delivered = [
+        m["userId"] for r, resp in httpserver.log if resp.status_code == 200 for m in batch_of(r)
+    ]
     assert sorted(delivered) == sorted(users)  # each good one exactly once
 
 
@@ -436,7 +527,8 @@ def test_a_5xx_is_retried_later_with_the_same_message_ids(app, client, httpserve
 
 def test_429_retry_after_is_honoured(app, client, httpserver):
     httpserver.expect_request("/v1/batch").respond_with_data(
-        "rate limited", status=429, headers={"Retry-After": "120"})
+        "rate limited", status=429, headers={"Retry-After": "120"}
+    )
     post(client, webhook(user="a"))
     before = time.time()
     assert deliver(app) == 1

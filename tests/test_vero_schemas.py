@@ -1,5 +1,6 @@
 """The Vero webhook schemas: tolerant of known variants, strict where the
 mapping depends on a value."""
+
 import pytest
 from marshmallow import ValidationError
 
@@ -96,7 +97,9 @@ def test_user_id_may_be_a_number_or_a_string(given, loaded):
 
 @pytest.mark.parametrize("given", [True, 1.5, [1], {"id": 1}])
 def test_user_id_that_is_no_id_is_rejected(given):
-    assert errors_of(webhook("sent", user={"id": given})) == "user.id: must be a string or an integer"
+    assert (
+        errors_of(webhook("sent", user={"id": given})) == "user.id: must be a string or an integer"
+    )
 
 
 @pytest.mark.parametrize(("given", "loaded"), [(101, 101), ("cmp-101", "cmp-101"), (None, None)])
@@ -132,10 +135,14 @@ def test_user_email_must_be_text():
 
 @pytest.mark.parametrize("when", ["1700000000", True, -1, MAX_UNIX_SECONDS + 1, 1700000000000, [1]])
 def test_event_time_must_be_plausible_unix_seconds(when):
-    assert errors_of(webhook("opened", opened_at=when)) == "opened_at: must be a Unix time in seconds"
+    assert (
+        errors_of(webhook("opened", opened_at=when)) == "opened_at: must be a Unix time in seconds"
+    )
 
 
-@pytest.mark.parametrize(("when", "loaded"), [(1700000000.0, 1700000000), (1700000000.25, 1700000000.25), (0, 0)])
+@pytest.mark.parametrize(
+    ("when", "loaded"), [(1700000000.0, 1700000000), (1700000000.25, 1700000000.25), (0, 0)]
+)
 def test_event_time_whole_numbers_are_loaded_as_int(when, loaded):
     result = load_webhook(webhook("opened", opened_at=when))["opened_at"]
     assert result == loaded and type(result) is type(loaded)
@@ -187,7 +194,12 @@ def test_a_type_without_a_schema_is_refused_by_load_webhook():
 def test_alternative_campaign_keys_of_unsubscribe_payloads_are_kept():
     payload = webhook(
         "unsubscribed",
-        campaign={"id": "9", "campaign_title": "Digest", "email_subject": "News", "variation_name": "B"},
+        campaign={
+            "id": "9",
+            "campaign_title": "Digest",
+            "email_subject": "News",
+            "variation_name": "B",
+        },
     )
     assert load_webhook(payload)["campaign"] == {
         "id": "9",
@@ -216,11 +228,18 @@ def test_campaign_values_that_are_only_copied_are_accepted_as_given():
 def test_bounce_fields_are_accepted_as_numbers_or_text():
     payload = webhook("bounced", bounce_type="hard", bounce_code=550, bounce_message="No such user")
     loaded = load_webhook(payload)
-    assert (loaded["bounce_type"], loaded["bounce_code"], loaded["bounce_message"]) == ("hard", 550, "No such user")
+    assert (loaded["bounce_type"], loaded["bounce_code"], loaded["bounce_message"]) == (
+        "hard",
+        550,
+        "No such user",
+    )
 
 
 def test_clicked_link_fields_must_be_text():
-    assert load_webhook(webhook("clicked", link_url="https://example.org/a"))["link_url"] == "https://example.org/a"
+    assert (
+        load_webhook(webhook("clicked", link_url="https://example.org/a"))["link_url"]
+        == "https://example.org/a"
+    )
     assert errors_of(webhook("clicked", url=5)) == "url: Not a valid string."
 
 

@@ -4,13 +4,15 @@ It answers 200 with Vero's success body unless a test scripted another answer,
 and keeps every request it received, so tests can assert exactly what reached
 "Vero" and in what order.
 """
+
 from __future__ import annotations
 
 import json
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from werkzeug import Request, Response
 
@@ -35,14 +37,22 @@ class VeroStandIn:
         self._lock = threading.Lock()
         httpserver.expect_request(re.compile(".*")).respond_with_handler(self._answer)
 
-    def answer(self, status: int, path: str | None = None, user: str | None = None,
-               body: Any = "", headers: dict[str, str] | None = None,
-               times: int | None = 1) -> None:
+    def answer(
+        self,
+        status: int,
+        path: str | None = None,
+        user: str | None = None,
+        body: Any = "",
+        headers: dict[str, str] | None = None,
+        times: int | None = 1,
+    ) -> None:
         """Answer `status` to requests for `path` (relative to the API base)
         whose body is about `user`, `times` times (None: always)."""
+
         def matches(request_path: str, payload: dict) -> bool:
-            return ((path is None or request_path == BASE_PATH + path)
-                    and (user is None or user_of(payload) == user))
+            return (path is None or request_path == BASE_PATH + path) and (
+                user is None or user_of(payload) == user
+            )
 
         text = body if isinstance(body, str) else json.dumps(body)
         with self._lock:
@@ -50,8 +60,10 @@ class VeroStandIn:
 
     def received(self) -> list[tuple[str, str, Any]]:
         """(method, path relative to the API base, JSON body) of every request, in order."""
-        return [(request.method, request.path.removeprefix(BASE_PATH), request.get_json(silent=True))
-                for request, _ in list(self.server.log)]
+        return [
+            (request.method, request.path.removeprefix(BASE_PATH), request.get_json(silent=True))
+            for request, _ in list(self.server.log)
+        ]
 
     def statuses(self) -> list[int]:
         return [response.status_code for _, response in list(self.server.log)]

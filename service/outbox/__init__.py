@@ -6,11 +6,13 @@ worker under a lease), `delivered` (kept for de-duplication until purged) and
 implement the same small set of methods (see `Store`), so nothing above this
 package knows which one it talks to.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from service.results import Accept
 
@@ -40,9 +42,19 @@ class Item:
 def claimed_items(rows, direction: str, lease: str) -> list[Item]:
     """A claim's rows (id, order_key, payload JSON, attempts, progress,
     created_at) as Items, oldest first: the order a user's work must go in."""
-    items = [Item(id=row[0], direction=direction, order_key=row[1], payload=json.loads(row[2]),
-                  attempts=row[3], progress=row[4], created_at=row[5], lease=lease)
-             for row in rows]
+    items = [
+        Item(
+            id=row[0],
+            direction=direction,
+            order_key=row[1],
+            payload=json.loads(row[2]),
+            attempts=row[3],
+            progress=row[4],
+            created_at=row[5],
+            lease=lease,
+        )
+        for row in rows
+    ]
     items.sort(key=lambda item: item.id)
     return items
 
@@ -71,12 +83,22 @@ class DeadItem:
     payload: dict[str, Any]
 
 
+def dead_item(row: Sequence[Any]) -> DeadItem:
+    """A row (id, direction, order_key, attempts, last_error, created_at,
+    updated_at, payload JSON) as a DeadItem."""
+    id_, direction, order_key, attempts, error, created_at, updated_at, payload = row
+    return DeadItem(
+        id_, direction, order_key, attempts, error, created_at, updated_at, json.loads(payload)
+    )
+
+
 class Store(Protocol):
     def enqueue(self, direction: str, items: Sequence[Accept], now: float) -> list[bool]:
         """Store new work in one transaction; True where new, False where a duplicate."""
 
-    def claim(self, direction: str, limit: int, lease_seconds: float, now: float,
-              whole_runs: bool = False) -> list[Item]:
+    def claim(
+        self, direction: str, limit: int, lease_seconds: float, now: float, whole_runs: bool = False
+    ) -> list[Item]:
         """Lease up to `limit` due items, at most one per order key: the oldest
         unfinished one, so that one user's work goes out in order.
 
@@ -109,7 +131,7 @@ def open_store(url: str, pool_size: int | None = None) -> Store:
     if url.startswith("sqlite:///"):
         from service.outbox.sqlite import SQLiteStore
 
-        return SQLiteStore(url[len("sqlite:///"):])
+        return SQLiteStore(url[len("sqlite:///") :])
     if url.startswith("postgresql://"):
         from service.outbox.postgres import PostgresStore
 

@@ -3,14 +3,16 @@
 The policy (what a failure turns into) is plain functions; `Deliverer` only
 runs them on threads, so tests can drive one round at a time with `run_once`.
 """
+
 from __future__ import annotations
 
 import logging
 import random
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 from service.outbox import DEAD, DELIVERED, PENDING, Item, Settlement, Store, StoreError
 
@@ -71,8 +73,13 @@ def backoff(attempt: int, rand: Callable[[], float] = random.random) -> float:
     return ceiling * (0.5 + rand() / 2)
 
 
-def settle(item: Item, outcome: Outcome, now: float, limits: Limits,
-           rand: Callable[[], float] = random.random) -> Settlement:
+def settle(
+    item: Item,
+    outcome: Outcome,
+    now: float,
+    limits: Limits,
+    rand: Callable[[], float] = random.random,
+) -> Settlement:
     progress = item.progress if outcome.progress is None else outcome.progress
 
     def to(state: str, available_at: float, error: str | None, attempts: int = item.attempts):
@@ -100,9 +107,14 @@ def settle(item: Item, outcome: Outcome, now: float, limits: Limits,
 class Deliverer:
     """Runs each sender's delivery loop on its own threads in this process."""
 
-    def __init__(self, store: Store, senders: Sequence[Sender], limits: Limits,
-                 poll_seconds: float = 0.25,
-                 on_outcome: Callable[[Sender, Outcome], None] | None = None):
+    def __init__(
+        self,
+        store: Store,
+        senders: Sequence[Sender],
+        limits: Limits,
+        poll_seconds: float = 0.25,
+        on_outcome: Callable[[Sender, Outcome], None] | None = None,
+    ):
         self.store = store
         self.senders = {sender.direction: sender for sender in senders}
         self.limits = limits
@@ -115,18 +127,30 @@ class Deliverer:
     def run_once(self, direction: str) -> int:
         """Claim, send and settle one round; returns how many items it handled."""
         sender = self.senders[direction]
-        items = self.store.claim(direction, sender.claim_size, self.limits.lease_seconds, time.time(),
-                                 whole_runs=getattr(sender, "whole_runs", False))
+        items = self.store.claim(
+            direction,
+            sender.claim_size,
+            self.limits.lease_seconds,
+            time.time(),
+            whole_runs=getattr(sender, "whole_runs", False),
+        )
         if not items:
             return 0
         try:
             outcomes = sender.send(items, self.stopping)
         except Exception as exc:  # a bug must not lose the items: retry them later
             log.exception("sender failed", extra={"direction": direction})
-            outcomes = [Outcome(RETRY, f"internal error: {type(exc).__name__}", "none")] * len(items)
+            outcomes = [Outcome(RETRY, f"internal error: {type(exc).__name__}", "none")] * len(
+                items
+            )
         now = time.time()
-        self.store.settle([settle(item, outcome, now, self.limits)
-                           for item, outcome in zip(items, outcomes)], now)
+        self.store.settle(
+            [
+                settle(item, outcome, now, self.limits)
+                for item, outcome in zip(items, outcomes, strict=True)
+            ],
+            now,
+        )
         if self.on_outcome:
             for outcome in outcomes:
                 self.on_outcome(sender, outcome)
@@ -140,8 +164,12 @@ class Deliverer:
     def start(self) -> None:
         for direction, sender in self.senders.items():
             for n in range(sender.concurrency):
-                thread = threading.Thread(target=self._loop, args=(direction,),
-                                          name=f"deliver-{direction}-{n}", daemon=True)
+                thread = threading.Thread(
+                    target=self._loop,
+                    args=(direction,),
+                    name=f"deliver-{direction}-{n}",
+                    daemon=True,
+                )
                 thread.start()
                 self._threads.append(thread)
         log.info("delivery started", extra={"directions": sorted(self.senders)})

@@ -18,6 +18,7 @@ Settings beyond the URL:
 psycopg is imported here only: the SQLite default runs without the `postgres`
 extra, and `open_store` imports this module only for a PostgreSQL URL.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,9 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 from urllib.parse import quote
 
 from service.outbox import (
@@ -41,6 +43,7 @@ from service.outbox import (
     Settlement,
     StoreError,
     claimed_items,
+    dead_item,
 )
 from service.results import Accept
 
@@ -49,7 +52,7 @@ try:
     from psycopg.conninfo import conninfo_to_dict
     from psycopg_pool import ConnectionPool, PoolTimeout
 except ImportError:  # the `postgres` extra is not installed
-    psycopg = None
+    psycopg = None  # type: ignore[assignment]
 
 SCHEMA_VERSION = 1
 
@@ -104,6 +107,7 @@ CREATE TABLE IF NOT EXISTS outbox_probe (
 );
 """,
 }
+
 
 # A pending item is claimable when it is due (a lease is an `available_at` in
 # the future) and no older pending item of the same user is ahead of it.
@@ -178,11 +182,12 @@ class _ServerHealth:
 
 
 class PostgresStore:
-    def __init__(self, url: str, *, max_size: int | None = None,
-                 timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, url: str, *, max_size: int | None = None, timeout: float = DEFAULT_TIMEOUT):
         if psycopg is None:
-            raise StoreError("DATABASE_URL names PostgreSQL, but its driver is not installed:"
-                             " install vero-bridge[postgres]")
+            raise StoreError(
+                "DATABASE_URL names PostgreSQL, but its driver is not installed:"
+                " install vero-bridge[postgres]"
+            )
         self._password, self.where, settings = _parse(url)
         pool_log = logging.getLogger("psycopg.pool")
         if pool_log.level == logging.NOTSET:
@@ -226,8 +231,9 @@ class PostgresStore:
         return text
 
     def _failure(self, doing: str, exc: BaseException) -> StoreError:
-        return StoreError(f"the PostgreSQL outbox at {self.where} cannot be {doing}:"
-                          f" {self._redact(str(exc))}")
+        return StoreError(
+            f"the PostgreSQL outbox at {self.where} cannot be {doing}: {self._redact(str(exc))}"
+        )
 
     def _open_pool(self) -> None:
         # Opened on first use, not in __init__: the app is built before
@@ -257,8 +263,10 @@ class PostgresStore:
                 if reason is not None:
                     raise StoreError(f"no PostgreSQL answers at {self.where}: {reason}") from None
                 if remaining <= WAIT_SLICE:
-                    raise StoreError(f"no connection to the PostgreSQL outbox at {self.where}"
-                                     f" came free within {self.timeout:g}s") from None
+                    raise StoreError(
+                        f"no connection to the PostgreSQL outbox at {self.where}"
+                        f" came free within {self.timeout:g}s"
+                    ) from None
             except psycopg.Error as exc:  # closed meanwhile
                 raise self._failure("reached", exc) from None
 
@@ -285,16 +293,20 @@ class PostgresStore:
                 # alone is not safe against a concurrent CREATE of the same
                 # table, so they take turns; the lock ends with the transaction.
                 conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", SCHEMA_LOCK)
-                conn.execute("CREATE TABLE IF NOT EXISTS outbox_schema ("
-                             " one boolean PRIMARY KEY DEFAULT true CHECK (one),"
-                             " version integer NOT NULL)")
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS outbox_schema ("
+                    " one boolean PRIMARY KEY DEFAULT true CHECK (one),"
+                    " version integer NOT NULL)"
+                )
                 version = _schema_version(conn)  # another process may have gone first
                 for target in range(version + 1, SCHEMA_VERSION + 1):
                     conn.execute(MIGRATIONS[target])
                 if version < SCHEMA_VERSION:
-                    conn.execute("INSERT INTO outbox_schema (version) VALUES (%s)"
-                                 " ON CONFLICT (one) DO UPDATE SET version = EXCLUDED.version",
-                                 (SCHEMA_VERSION,))
+                    conn.execute(
+                        "INSERT INTO outbox_schema (version) VALUES (%s)"
+                        " ON CONFLICT (one) DO UPDATE SET version = EXCLUDED.version",
+                        (SCHEMA_VERSION,),
+                    )
         self._ready = True
 
     def _read(self, sql: str, params: dict | tuple = ()) -> list[tuple]:
@@ -309,21 +321,38 @@ class PostgresStore:
             _lock_order_keys(conn, direction, [item.order_key for item in items])
             with conn.cursor() as cursor:
                 for item in items:
-                    cursor.execute(INSERT, (
-                        direction, item.dedup_key, item.order_key,
-                        json.dumps(item.payload, separators=(",", ":")), now, now, now))
+                    cursor.execute(
+                        INSERT,
+                        (
+                            direction,
+                            item.dedup_key,
+                            item.order_key,
+                            json.dumps(item.payload, separators=(",", ":")),
+                            now,
+                            now,
+                            now,
+                        ),
+                    )
                     inserted.append(cursor.rowcount == 1)
         return inserted
 
-    def claim(self, direction: str, limit: int, lease_seconds: float, now: float,
-              whole_runs: bool = False) -> list[Item]:
+    def claim(
+        self, direction: str, limit: int, lease_seconds: float, now: float, whole_runs: bool = False
+    ) -> list[Item]:
         lease = uuid.uuid4().hex
-        params = {"direction": direction, "now": now, "limit": limit,
-                  "lease": lease, "lease_until": now + lease_seconds}
+        params = {
+            "direction": direction,
+            "now": now,
+            "limit": limit,
+            "lease": lease,
+            "lease_until": now + lease_seconds,
+        }
         with self._transaction("written") as conn:
             if whole_runs:
-                conn.execute("SELECT pg_advisory_xact_lock(%s, %s)",
-                             (RUN_CLAIM_LOCK, zlib.crc32(direction.encode()) & 0x7FFFFFFF))
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(%s, %s)",
+                    (RUN_CLAIM_LOCK, zlib.crc32(direction.encode()) & 0x7FFFFFFF),
+                )
                 rows = conn.execute(CLAIM_RUNS, params).fetchall()
             else:
                 rows = conn.execute(CLAIM, params).fetchall()
@@ -335,11 +364,23 @@ class PostgresStore:
         # In id order: two settlers holding overlapping items (one of them with
         # an expired lease) then lock rows in the same order and cannot deadlock.
         ordered = sorted(settlements, key=lambda s: s.item.id)
-        with self._transaction("written") as conn:
-            with conn.cursor() as cursor:
-                cursor.executemany(SETTLE, [
-                    (s.state, s.available_at, s.error, s.progress, s.attempts, now,
-                     s.item.id, s.item.lease) for s in ordered])
+        with self._transaction("written") as conn, conn.cursor() as cursor:
+            cursor.executemany(
+                SETTLE,
+                [
+                    (
+                        s.state,
+                        s.available_at,
+                        s.error,
+                        s.progress,
+                        s.attempts,
+                        now,
+                        s.item.id,
+                        s.item.lease,
+                    )
+                    for s in ordered
+                ],
+            )
 
     def counts(self, now: float) -> dict[tuple[str, str], int]:
         rows = self._read(
@@ -358,17 +399,23 @@ class PostgresStore:
         return dict(rows)
 
     def dead(self, direction: str | None, limit: int) -> list[DeadItem]:
-        sql = ("SELECT id, direction, order_key, attempts, last_error, created_at, updated_at,"
-               " payload FROM outbox WHERE state = %(dead)s")
+        sql = (
+            "SELECT id, direction, order_key, attempts, last_error, created_at, updated_at,"
+            " payload FROM outbox WHERE state = %(dead)s"
+        )
         if direction is not None:
             sql += " AND direction = %(direction)s"
-        rows = self._read(sql + " ORDER BY id LIMIT %(limit)s",
-                          {"dead": DEAD, "direction": direction, "limit": limit})
-        return [DeadItem(*row[:7], payload=json.loads(row[7])) for row in rows]
+        rows = self._read(
+            sql + " ORDER BY id LIMIT %(limit)s",
+            {"dead": DEAD, "direction": direction, "limit": limit},
+        )
+        return [dead_item(row) for row in rows]
 
     def replay(self, ids: Sequence[int] | None, direction: str | None, now: float) -> int:
-        sql = ("UPDATE outbox SET state = 'pending', attempts = 0, available_at = %(now)s,"
-               " lease = NULL, updated_at = %(now)s WHERE state = 'dead'")
+        sql = (
+            "UPDATE outbox SET state = 'pending', attempts = 0, available_at = %(now)s,"
+            " lease = NULL, updated_at = %(now)s WHERE state = 'dead'"
+        )
         if direction is not None:
             sql += " AND direction = %(direction)s"
         if ids is not None:
@@ -386,9 +433,11 @@ class PostgresStore:
 
     def check(self, now: float) -> None:
         with self._transaction("written") as conn:
-            conn.execute("INSERT INTO outbox_probe (id, checked_at) VALUES (1, %s)"
-                         " ON CONFLICT (id) DO UPDATE SET checked_at = EXCLUDED.checked_at",
-                         (now,))
+            conn.execute(
+                "INSERT INTO outbox_probe (id, checked_at) VALUES (1, %s)"
+                " ON CONFLICT (id) DO UPDATE SET checked_at = EXCLUDED.checked_at",
+                (now,),
+            )
 
     def close(self) -> None:
         with self._open_lock:
@@ -427,16 +476,19 @@ def _schema_version(conn) -> int:
     return row[0] if row else 0
 
 
-def _parse(url: str) -> tuple[str | None, str, dict[str, str]]:
+def _parse(url: str) -> tuple[str | None, str, dict[str, Any]]:
     """(password, "host:port/dbname" for messages, the URL's settings)."""
     try:
         settings = conninfo_to_dict(url)
     except psycopg.Error:
         # The parser's message may quote the URL, password and all.
         raise StoreError("DATABASE_URL is not a valid PostgreSQL URL") from None
-    where = (f"{settings.get('host') or 'localhost'}:{settings.get('port') or 5432}"
-             f"/{settings.get('dbname') or settings.get('user') or ''}")
-    return settings.get("password") or None, where, settings
+    where = (
+        f"{settings.get('host') or 'localhost'}:{settings.get('port') or 5432}"
+        f"/{settings.get('dbname') or settings.get('user') or ''}"
+    )
+    password = settings.get("password")
+    return str(password) if password else None, where, settings
 
 
 def _reporting_connection(health: _ServerHealth, redact):

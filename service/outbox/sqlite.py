@@ -1,5 +1,6 @@
 """The embedded outbox: one SQLite file in WAL mode, shared by every process on
 the machine (gunicorn workers and `outbox deliver` alike)."""
+
 from __future__ import annotations
 
 import json
@@ -7,13 +8,13 @@ import os
 import sqlite3
 import threading
 import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 try:
     import fcntl
 except ImportError:  # not on Windows: SQLite's own locking still holds
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 from service.outbox import (
     DEAD,
@@ -25,6 +26,7 @@ from service.outbox import (
     Settlement,
     StoreError,
     claimed_items,
+    dead_item,
 )
 from service.results import Accept
 
@@ -83,9 +85,11 @@ RETURNING id, order_key, payload, attempts, progress, created_at
 CLAIM, CLAIM_RUNS = _claim(False), _claim(True)
 
 
-INSERT = ("INSERT INTO outbox (direction, dedup_key, order_key, payload,"
-          " available_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
-          " ON CONFLICT (direction, dedup_key) DO NOTHING")
+INSERT = (
+    "INSERT INTO outbox (direction, dedup_key, order_key, payload,"
+    " available_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (direction, dedup_key) DO NOTHING"
+)
 
 
 class _Enqueue:
@@ -138,8 +142,9 @@ class SQLiteStore:
         try:
             os.makedirs(directory, exist_ok=True)
             # Autocommit mode: transactions are opened explicitly below.
-            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(
+                self.path, timeout=10, isolation_level=None, check_same_thread=False
+            )
             conn.execute("PRAGMA busy_timeout = 10000")
             conn.execute("PRAGMA journal_mode = WAL")
             # FULL makes each commit durable across power loss, not only a
@@ -223,8 +228,18 @@ class SQLiteStore:
         next of them to get the write lock commits them all at once. Each
         caller still returns only after its own rows are committed, and gets
         its own answer: rows go in arrival order, as one by one."""
-        rows = [(direction, item.dedup_key, item.order_key,
-                 json.dumps(item.payload, separators=(",", ":")), now, now, now) for item in items]
+        rows = [
+            (
+                direction,
+                item.dedup_key,
+                item.order_key,
+                json.dumps(item.payload, separators=(",", ":")),
+                now,
+                now,
+                now,
+            )
+            for item in items
+        ]
         mine = _Enqueue(rows)
         with self._queue_lock:
             self._queue.append(mine)
@@ -240,11 +255,15 @@ class SQLiteStore:
             group, self._queue = self._queue, []
         # Whatever stops the commit, no caller of the group may go on as if
         # its rows were stored.
-        error: StoreError | None = StoreError("the SQLite outbox cannot be written: the commit did not finish")
+        error: StoreError | None = StoreError(
+            "the SQLite outbox cannot be written: the commit did not finish"
+        )
         try:
             with self._write() as conn:
                 for request in group:
-                    request.inserted = [conn.execute(INSERT, row).rowcount == 1 for row in request.rows]
+                    request.inserted = [
+                        conn.execute(INSERT, row).rowcount == 1 for row in request.rows
+                    ]
             error = None
         except StoreError as exc:
             error = exc
@@ -253,11 +272,17 @@ class SQLiteStore:
                 request.error = error
                 request.done = True
 
-    def claim(self, direction: str, limit: int, lease_seconds: float, now: float,
-              whole_runs: bool = False) -> list[Item]:
+    def claim(
+        self, direction: str, limit: int, lease_seconds: float, now: float, whole_runs: bool = False
+    ) -> list[Item]:
         lease = uuid.uuid4().hex
-        params = {"direction": direction, "now": now, "limit": limit,
-                  "lease": lease, "lease_until": now + lease_seconds}
+        params = {
+            "direction": direction,
+            "now": now,
+            "limit": limit,
+            "lease": lease,
+            "lease_until": now + lease_seconds,
+        }
         # Claims are serialised by the write transaction, so no other claimer
         # can take a user's later item while this one takes the earlier.
         with self._write() as conn:
@@ -271,8 +296,19 @@ class SQLiteStore:
             conn.executemany(
                 "UPDATE outbox SET state = ?, available_at = ?, last_error = ?, progress = ?,"
                 " attempts = ?, lease = NULL, updated_at = ? WHERE id = ? AND lease = ?",
-                [(s.state, s.available_at, s.error, s.progress, s.attempts, now,
-                  s.item.id, s.item.lease) for s in settlements],
+                [
+                    (
+                        s.state,
+                        s.available_at,
+                        s.error,
+                        s.progress,
+                        s.attempts,
+                        now,
+                        s.item.id,
+                        s.item.lease,
+                    )
+                    for s in settlements
+                ],
             )
 
     def counts(self, now: float) -> dict[tuple[str, str], int]:
@@ -297,11 +333,13 @@ class SQLiteStore:
             " ORDER BY id LIMIT :limit",
             {"direction": direction, "limit": limit},
         )
-        return [DeadItem(*row[:7], payload=json.loads(row[7])) for row in rows]
+        return [dead_item(row) for row in rows]
 
     def replay(self, ids: Sequence[int] | None, direction: str | None, now: float) -> int:
-        sql = ("UPDATE outbox SET state = 'pending', attempts = 0, available_at = ?,"
-               " lease = NULL, updated_at = ? WHERE state = 'dead'")
+        sql = (
+            "UPDATE outbox SET state = 'pending', attempts = 0, available_at = ?,"
+            " lease = NULL, updated_at = ? WHERE state = 'dead'"
+        )
         params: list = [now, now]
         if direction is not None:
             sql += " AND direction = ?"
@@ -309,7 +347,7 @@ class SQLiteStore:
         with self._write() as conn:
             if ids is None:
                 return conn.execute(sql, params).rowcount
-            return sum(conn.execute(sql + " AND id = ?", params + [i]).rowcount for i in ids)
+            return sum(conn.execute(sql + " AND id = ?", [*params, i]).rowcount for i in ids)
 
     def purge(self, delivered_before: float) -> int:
         with self._write() as conn:
@@ -320,7 +358,9 @@ class SQLiteStore:
 
     def check(self, now: float) -> None:
         with self._write() as conn:
-            conn.execute("INSERT OR REPLACE INTO outbox_probe (id, checked_at) VALUES (1, ?)", (now,))
+            conn.execute(
+                "INSERT OR REPLACE INTO outbox_probe (id, checked_at) VALUES (1, ?)", (now,)
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -333,4 +373,4 @@ class SQLiteStore:
             self._lock_pid = None
 
 
-__all__ = ["SQLiteStore", "PENDING", "DELIVERED", "DEAD"]
+__all__ = ["DEAD", "DELIVERED", "PENDING", "SQLiteStore"]

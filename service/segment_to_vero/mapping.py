@@ -8,15 +8,14 @@ Call bodies never contain the Vero credential; the HTTP client adds
 `auth_token` or `tracking_api_key` when it sends, so stored work holds no secret.
 Decisions where MAPPING.md is silent are listed in docs/mapping-decisions.md.
 """
+
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import math
 from typing import Any
 
-from service.results import Accept, Reject, Result, Skip
 from service.messages import (
     SCHEMAS,
     error_sentence,
@@ -24,6 +23,7 @@ from service.messages import (
     parse_timestamp,
     validate_message,
 )
+from service.results import Accept, Reject, Result, Skip
 
 # Vero refuses ids, emails and event names of 255 characters or more.
 MAX_LENGTH = 255
@@ -87,7 +87,8 @@ def _accept(message: dict, kind: str, allow_anonymous: bool, received_at: float)
     calls = _BUILDERS[kind](message, user_id, email, received_at)
     if tags is not None:
         calls.append(tags)
-    order_key = user_id if user_id is not None else email[0]
+    # Without a userId only an identify with an email gets this far (checked above).
+    order_key = user_id if user_id is not None else email[0]  # type: ignore[index]
     return Accept(dedup_key=_dedup_key(message), order_key=order_key, payload={"calls": calls})
 
 
@@ -147,7 +148,9 @@ def _user(message: dict, allow_anonymous: bool) -> tuple[str | None, str | None]
     return None, None
 
 
-def _email(message: dict, kind: str, user_id: str | None, user_field: str | None) -> tuple[Any, str] | None:
+def _email(
+    message: dict, kind: str, user_id: str | None, user_field: str | None
+) -> tuple[Any, str] | None:
     """The email the mapping would send for this message, with its field.
 
     Identify sends `email` (traits.email, else the user id when it looks like
@@ -156,10 +159,18 @@ def _email(message: dict, kind: str, user_id: str | None, user_field: str | None
     """
     traits_email = _nested(message, "traits", "email")
     context_email = _nested(message, "context", "traits", "email")
-    id_as_email = (user_id, user_field) if user_id is not None and looks_like_email(user_id) else None
+    id_as_email: tuple[Any, str] | None = None
+    if user_id is not None and user_field is not None and looks_like_email(user_id):
+        id_as_email = (user_id, user_field)
     if kind == "identify":
-        candidates = [(traits_email, "traits.email"), id_as_email, (context_email, "context.traits.email")]
-    elif kind in ("page", "screen") or (kind == "track" and _event_kind(message) in ("event", "order")):
+        candidates = [
+            (traits_email, "traits.email"),
+            id_as_email,
+            (context_email, "context.traits.email"),
+        ]
+    elif kind in ("page", "screen") or (
+        kind == "track" and _event_kind(message) in ("event", "order")
+    ):
         candidates = [(context_email, "context.traits.email"), id_as_email]
     else:
         return None
@@ -304,7 +315,9 @@ def _event_kind(message: dict) -> str:
 def _viewed(event_name: str):
     def build(message: dict, user_id, email, received_at) -> list[dict]:
         properties = message.get("properties")
-        additions = {key: message[key] for key in ("name", "category") if has_value(message.get(key))}
+        additions = {
+            key: message[key] for key in ("name", "category") if has_value(message.get(key))
+        }
         page_url = _nested(message, "context", "page", "url")
         if not has_value(_object(properties).get("url")) and isinstance(page_url, str) and page_url:
             additions["url"] = page_url
@@ -389,7 +402,7 @@ def _created_at(message: dict, received_at: float) -> int:
         value = message.get(field)
         if has_value(value):
             try:
-                return math.floor(parse_timestamp(value).timestamp())
+                return math.floor(parse_timestamp(value).timestamp())  # type: ignore[arg-type]
             except (ValueError, TypeError, OverflowError):
                 raise _Rejected(f"{field} is not an ISO-8601 date", field) from None
     return math.floor(received_at)

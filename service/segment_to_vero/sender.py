@@ -13,13 +13,15 @@ What an answer means (SERVICE.md, "Delivery"):
 - anything else: permanent. The item goes to dead-letter with the reason,
   and so do the calls after the one that failed, since they were never sent.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import quote
 
 import requests
@@ -76,12 +78,16 @@ class VeroSender:
 
     # -- one item ----------------------------------------------------------
 
-    def _deliver(self, item: Item, stopping: threading.Event, round_: "_Round") -> Outcome:
+    def _deliver(self, item: Item, stopping: threading.Event, round_: _Round) -> Outcome:
         calls = item.payload.get("calls") if isinstance(item.payload, dict) else None
         if not isinstance(calls, list) or not all(_is_call(call) for call in calls):
             # Only a bug or a hand-edited store gets here; retrying cannot fix it.
-            return Outcome(FAILED, "the outbox item holds no valid list of Vero calls",
-                           status="none", progress=item.progress)
+            return Outcome(
+                FAILED,
+                "the outbox item holds no valid list of Vero calls",
+                status="none",
+                progress=item.progress,
+            )
         done = item.progress
         while done < len(calls):
             if done > item.progress and (stopping.is_set() or not round_.may_start_call()):
@@ -104,7 +110,8 @@ class VeroSender:
         body = {**call["body"], self.credential_name: self._credential}
         try:
             response = self.session.request(
-                call["method"].upper(), self.base_url + call["path"],
+                call["method"].upper(),
+                self.base_url + call["path"],
                 data=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
                 headers={"Content-Type": "application/json", "Accept": "application/json"},
                 timeout=self.timeouts,
@@ -113,12 +120,17 @@ class VeroSender:
                 allow_redirects=False,
             )
         except requests.Timeout as exc:
-            return Outcome(RETRY, f"{label}: no answer from Vero in time ({type(exc).__name__})",
-                           status="network", progress=index)
+            return Outcome(
+                RETRY,
+                f"{label}: no answer from Vero in time ({type(exc).__name__})",
+                status="network",
+                progress=index,
+            )
         except requests.RequestException as exc:
             reason = self._redact(_shorten(f"{type(exc).__name__}: {exc}"))
-            return Outcome(RETRY, f"{label}: could not reach Vero ({reason})",
-                           status="network", progress=index)
+            return Outcome(
+                RETRY, f"{label}: could not reach Vero ({reason})", status="network", progress=index
+            )
         with response:
             status = response.status_code
             if 200 <= status < 300:
@@ -126,25 +138,41 @@ class VeroSender:
             excerpt = self._redact(_shorten(response.text)) or "(empty answer)"
         said = f"{label}: Vero answered {status}: {excerpt}"
         if retryable(status):
-            return Outcome(RETRY, said, status=status_class(status), progress=index,
-                           retry_after=retry_after_seconds(response.headers.get("Retry-After")))
-        return Outcome(FAILED, said + _not_sent(total - index - 1),
-                       status=status_class(status), progress=index)
+            return Outcome(
+                RETRY,
+                said,
+                status=status_class(status),
+                progress=index,
+                retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+            )
+        return Outcome(
+            FAILED, said + _not_sent(total - index - 1), status=status_class(status), progress=index
+        )
 
     def _redact(self, text: str) -> str:
         """Remove the credential should an answer or error message echo it,
         in the spellings a JSON or URL encoder would give it."""
         secret = self._credential
-        for form in {secret, secret.replace("/", "\\/"), quote(secret, safe=""),
-                     quote(secret, safe="/")}:
+        for form in {
+            secret,
+            secret.replace("/", "\\/"),
+            quote(secret, safe=""),
+            quote(secret, safe="/"),
+        }:
             text = text.replace(form, REDACTED)
         return text
 
     def _log_failure(self, item: Item, call: dict, outcome: Outcome) -> None:
         log.warning(
-            "Vero delivery %s", "will be retried" if outcome.kind == RETRY else "failed",
-            extra={"item": item.id, "attempt": item.attempts, "call": f"{call['method']} {call['path']}",
-                   "status_class": outcome.status, "error": outcome.error},
+            "Vero delivery %s",
+            "will be retried" if outcome.kind == RETRY else "failed",
+            extra={
+                "item": item.id,
+                "attempt": item.attempts,
+                "call": f"{call['method']} {call['path']}",
+                "status_class": outcome.status,
+                "error": outcome.error,
+            },
         )
 
 
@@ -177,9 +205,13 @@ def _session(pool_size: int) -> requests.Session:
 
 
 def _is_call(call: Any) -> bool:
-    return (isinstance(call, dict) and isinstance(call.get("method"), str)
-            and isinstance(call.get("path"), str) and call["path"].startswith("/")
-            and isinstance(call.get("body"), dict))
+    return (
+        isinstance(call, dict)
+        and isinstance(call.get("method"), str)
+        and isinstance(call.get("path"), str)
+        and call["path"].startswith("/")
+        and isinstance(call.get("body"), dict)
+    )
 
 
 def _shorten(text: str) -> str:

@@ -5,17 +5,18 @@ configuration, and gets back an `Accept`, `Skip` or `Reject` per webhook. The
 contract is MAPPING.md part B; choices it leaves open are recorded under
 "Direction B" in docs/mapping-decisions.md.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from marshmallow import ValidationError
 
-from service.results import Accept, Reject, Result, Skip
 from service.messages import TrackSchema, instance_of
+from service.results import Accept, Reject, Result, Skip
 from service.vero_to_segment.webhooks import (
     EMAIL_EVENT_TYPES,
     SCHEMAS,
@@ -65,7 +66,9 @@ def event_names_with(overrides: dict[str, Any]) -> dict[str, str | None]:
     names = dict(DEFAULT_EVENT_NAMES)
     for key, name in overrides.items():
         if name is not None and (not isinstance(name, str) or not name.strip()):
-            raise ValueError(f"VERO_EVENT_NAMES: the name for {key!r} must be a non-empty string or null")
+            raise ValueError(
+                f"VERO_EVENT_NAMES: the name for {key!r} must be a non-empty string or null"
+            )
         vero_type = str(key).strip().lower()
         if vero_type in DEFAULT_EVENT_NAMES:
             names[vero_type] = name
@@ -130,7 +133,9 @@ def map_webhook(
     # change to the mapping or the schema is refused here, not by Segment.
     problems = instance_of(TrackSchema).validate(message)
     if problems:
-        return Reject(f"the Segment message would be invalid: {describe_errors(problems)}", "invalid_message")
+        return Reject(
+            f"the Segment message would be invalid: {describe_errors(problems)}", "invalid_message"
+        )
 
     size = _encoded_size(message)
     if size is None:
@@ -142,7 +147,7 @@ def map_webhook(
         )
     return Accept(
         dedup_key="b:" + message["messageId"],
-        order_key=user_id if user_id is not None else email,
+        order_key=user_id if user_id is not None else email,  # type: ignore[arg-type]
         payload={"message": message},
     )
 
@@ -203,7 +208,7 @@ def message_id(webhook: dict[str, Any], event_type: str) -> str:
 
 
 def _utc(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return datetime.fromtimestamp(seconds, tz=UTC)
 
 
 def encode_message(message: dict[str, Any]) -> bytes:
@@ -211,7 +216,9 @@ def encode_message(message: dict[str, Any]) -> bytes:
 
     This is the measure the 32 KB limit is checked against; a client that
     builds its batch body from these bytes sends exactly what was measured."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
 
 
 def _encoded_size(message: dict[str, Any]) -> int | None:

@@ -11,15 +11,16 @@ neighbours are delivered.
 The pure parts (packing, the request body, classifying an answer) are plain
 functions, so they can be tested without a server.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Sequence
+from datetime import UTC, datetime
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -29,8 +30,8 @@ from service.config import Config
 from service.directions import VERO_TO_SEGMENT
 from service.outbox import Item
 from service.outbox.delivery import FAILED, RELEASE, RETRY, SUCCEEDED, Outcome
-from service.vero_to_segment.mapping import MAX_MESSAGE_BYTES, encode_message
 from service.retry import retry_after_seconds, retryable, status_class
+from service.vero_to_segment.mapping import MAX_MESSAGE_BYTES, encode_message
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +57,24 @@ _REDACTED = "[redacted]"
 def sent_at(now: float) -> str:
     """ISO-8601 UTC with milliseconds, as Segment's libraries write it. Always
     24 characters, so the envelope's size is known before the time is."""
-    moment = datetime.fromtimestamp(now, tz=timezone.utc)
+    moment = datetime.fromtimestamp(now, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def batch_body(messages: Sequence[bytes], sent_at_text: str, write_key: str) -> bytes:
     """The exact bytes of one `/batch` request, built from the messages'
     encoded bytes so that what was measured is what is sent."""
-    return b"".join([
-        b'{"batch":[',
-        b",".join(messages),
-        b'],"sentAt":',
-        json.dumps(sent_at_text).encode(),
-        b',"writeKey":',
-        json.dumps(write_key).encode(),
-        b"}",
-    ])
+    return b"".join(
+        [
+            b'{"batch":[',
+            b",".join(messages),
+            b'],"sentAt":',
+            json.dumps(sent_at_text).encode(),
+            b',"writeKey":',
+            json.dumps(write_key).encode(),
+            b"}",
+        ]
+    )
 
 
 def envelope_bytes(write_key: str) -> int:
@@ -79,8 +82,12 @@ def envelope_bytes(write_key: str) -> int:
     return len(batch_body([], sent_at(0.0), write_key))
 
 
-def pack(sizes: Sequence[int], envelope: int, max_bytes: int = MAX_REQUEST_BYTES,
-         max_count: int = MAX_REQUEST_MESSAGES) -> list[list[int]]:
+def pack(
+    sizes: Sequence[int],
+    envelope: int,
+    max_bytes: int = MAX_REQUEST_BYTES,
+    max_count: int = MAX_REQUEST_MESSAGES,
+) -> list[list[int]]:
     """Group messages (given by their sizes) into requests: lists of indexes.
 
     First fit: each message goes into the first request it fits in, so a
@@ -189,10 +196,12 @@ class SegmentSender:
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
         self.session.auth = (self._write_key, "")
-        self.session.headers.update({
-            "Content-Type": "application/json",
-            "User-Agent": f"{version.NAME}/{version.VERSION}",
-        })
+        self.session.headers.update(
+            {
+                "Content-Type": "application/json",
+                "User-Agent": f"{version.NAME}/{version.VERSION}",
+            }
+        )
 
     def send(self, items: Sequence[Item], stopping: threading.Event) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(items)
@@ -226,8 +235,12 @@ class SegmentSender:
             return self._deliver(batch[:middle], round_) + self._deliver(batch[middle:], round_)
         outcome = answer.outcome
         if answer.status == 429:
-            round_.held = Outcome(RETRY, "not sent: Segment asked to slow down (429) in this round",
-                                  outcome.status, retry_after=outcome.retry_after)
+            round_.held = Outcome(
+                RETRY,
+                "not sent: Segment asked to slow down (429) in this round",
+                outcome.status,
+                retry_after=outcome.retry_after,
+            )
         elif outcome.kind == RETRY:
             round_.halted = True
         return [(index, outcome) for index, _ in batch]
@@ -235,23 +248,31 @@ class SegmentSender:
     def _post(self, messages: list[bytes]) -> Answer:
         body = batch_body(messages, sent_at(time.time()), self._write_key)
         try:
-            response = self.session.post(self.url, data=body, timeout=self.timeout,
-                                         allow_redirects=False)
+            response = self.session.post(
+                self.url, data=body, timeout=self.timeout, allow_redirects=False
+            )
         except requests.Timeout:
             log.warning("Segment did not answer in time", extra={"messages": len(messages)})
             return Answer(Outcome(RETRY, "Segment did not answer in time", "network"))
         except requests.RequestException as exc:
-            error = self._scrub(f"cannot reach Segment: {type(exc).__name__}: {exc}")[:MAX_REASON_CHARS]
+            error = self._scrub(f"cannot reach Segment: {type(exc).__name__}: {exc}")[
+                :MAX_REASON_CHARS
+            ]
             log.warning("%s", error, extra={"messages": len(messages)})
             return Answer(Outcome(RETRY, error, "network"))
         with response:
             reason = self._scrub(" ".join(response.text.split()))[:MAX_REASON_CHARS]
-        answer = classify(response.status_code, reason, response.headers.get("Retry-After"), time.time())
+        answer = classify(
+            response.status_code, reason, response.headers.get("Retry-After"), time.time()
+        )
         if answer.outcome.kind == SUCCEEDED:
             log.info("sent to Segment", extra={"messages": len(messages), "bytes": len(body)})
         else:
-            log.warning("Segment refused a batch: %s", answer.outcome.error,
-                        extra={"messages": len(messages), "status": response.status_code})
+            log.warning(
+                "Segment refused a batch: %s",
+                answer.outcome.error,
+                extra={"messages": len(messages), "status": response.status_code},
+            )
         return answer
 
     def _scrub(self, text: str) -> str:
@@ -269,8 +290,14 @@ def encode_item(item: Item) -> bytes | Outcome:
     try:
         encoded = encode_message(message)
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
-        return Outcome(FAILED, f"the message cannot be encoded as JSON: {type(exc).__name__}", "none")
+        return Outcome(
+            FAILED, f"the message cannot be encoded as JSON: {type(exc).__name__}", "none"
+        )
     if len(encoded) > MAX_MESSAGE_BYTES:
-        return Outcome(FAILED, f"the message is {len(encoded)} bytes, over Segment's limit of "
-                               f"{MAX_MESSAGE_BYTES} bytes per message", "none")
+        return Outcome(
+            FAILED,
+            f"the message is {len(encoded)} bytes, over Segment's limit of "
+            f"{MAX_MESSAGE_BYTES} bytes per message",
+            "none",
+        )
     return encoded

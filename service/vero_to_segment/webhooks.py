@@ -11,6 +11,7 @@ Loading normalises the values the mapping compares or hashes: ids become
 strings, the type is lower-cased, and a whole-number time becomes an int.
 Values the mapping only copies into Segment properties are kept as given.
 """
+
 from __future__ import annotations
 
 import math
