@@ -40,9 +40,12 @@ class Config:
     vero_api_url: str = DEFAULT_VERO_API_URL
     vero_allow_anonymous: bool = False
     segment_shared_secret: str | None = None
+    # A second accepted value while a secret is being changed (SERVICE.md).
+    segment_shared_secret_previous: str | None = None
     segment_write_key: str | None = None
     segment_api_url: str = DEFAULT_SEGMENT_API_URL
     vero_webhook_token: str | None = None
+    vero_webhook_token_previous: str | None = None
     vero_event_names: dict[str, str | None] = field(default_factory=dict)
     # None means "a SQLite file in the app's instance folder", which only the
     # app factory knows.
@@ -87,9 +90,11 @@ class Config:
             vero_api_url=read.url("VERO_API_URL", DEFAULT_VERO_API_URL, ("http", "https")),
             vero_allow_anonymous=read.boolean("VERO_ALLOW_ANONYMOUS", False),
             segment_shared_secret=read.secret("SEGMENT_SHARED_SECRET"),
+            segment_shared_secret_previous=read.secret("SEGMENT_SHARED_SECRET_PREVIOUS"),
             segment_write_key=read.secret("SEGMENT_WRITE_KEY"),
             segment_api_url=read.url("SEGMENT_API_URL", DEFAULT_SEGMENT_API_URL, ("http", "https")),
             vero_webhook_token=read.secret("VERO_WEBHOOK_TOKEN"),
+            vero_webhook_token_previous=read.secret("VERO_WEBHOOK_TOKEN_PREVIOUS"),
             vero_event_names=read.event_names("VERO_EVENT_NAMES"),
             database_url=read.database_url("DATABASE_URL"),
             port=read.integer("PORT", 8000, 1, 65535),
