@@ -91,7 +91,7 @@ def post_worker_init(worker):
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):
-        runtime.deliverer.stopping.set()
+        runtime.deliverer.request_stop()
         if callable(previous):
             previous(signum, frame)
 

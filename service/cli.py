@@ -118,9 +118,8 @@ def deliver(once: bool):
                 total += handled
         click.echo(f"handled {total}")
         return
-    stop = lambda *_: deliverer.stopping.set()  # noqa: E731
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, lambda *_: deliverer.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: deliverer.request_stop())
     runtime.start_delivery()
     deliverer.stopping.wait()
     runtime.stop_delivery()

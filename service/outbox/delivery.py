@@ -24,6 +24,8 @@ SUCCEEDED, RETRY, FAILED, RELEASED = "succeeded", "retry", "failed", "released"
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 3600.0
 RETRY_AFTER_CAP_SECONDS = 3600.0
+# How soon a stop asked for by a signal is noticed.
+STOP_POLL_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ class Deliverer:
         self.poll_seconds = poll_seconds
         self.on_outcome = on_outcome
         self.stopping = threading.Event()
+        # Set by request_stop, from a signal handler; see _watch_for_stop.
+        self._stop_requested = False
         self._wakeups = {direction: threading.Event() for direction in self.senders}
         self._threads: list[threading.Thread] = []
 
@@ -161,7 +165,24 @@ class Deliverer:
         if event is not None:
             event.set()
 
+    def request_stop(self) -> None:
+        """Ask delivery to stop. Safe in a signal handler: it only assigns a
+        flag. Event.set() takes a lock, and a second signal arriving while the
+        first handler holds it would wait on that lock forever."""
+        self._stop_requested = True
+
+    def _watch_for_stop(self) -> None:
+        while not self.stopping.is_set():
+            if self._stop_requested:
+                self.stopping.set()
+                for event in self._wakeups.values():
+                    event.set()
+                return
+            self.stopping.wait(STOP_POLL_SECONDS)
+
     def start(self) -> None:
+        watcher = threading.Thread(target=self._watch_for_stop, name="deliver-stop", daemon=True)
+        watcher.start()
         for direction, sender in self.senders.items():
             for n in range(sender.concurrency):
                 thread = threading.Thread(
