@@ -129,14 +129,6 @@ def map_webhook(
         library=library,
         received_at=received_at,
     )
-    # Cannot fail for the webhooks checked above; kept so that a future
-    # change to the mapping or the schema is refused here, not by Segment.
-    problems = instance_of(TrackSchema).validate(message)
-    if problems:
-        return Reject(
-            f"the Segment message would be invalid: {describe_errors(problems)}", "invalid_message"
-        )
-
     size = _encoded_size(message)
     if size is None:
         return Reject("a text value is not valid Unicode (unpaired surrogate)", "bad_encoding")
