@@ -8,7 +8,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
 
-from flask import Blueprint, request
+from flask import Blueprint, current_app, request
 
 from blueprints.common import answer, refuse, secret_matches
 from service import jsonbody, version
@@ -18,6 +18,18 @@ from service.runtime import get_runtime
 from service.vero_to_segment.mapping import event_names_with, map_webhook
 
 bp = Blueprint("vero", __name__)
+
+# The event-name table (MAPPING.md B.1 with VERO_EVENT_NAMES applied), built
+# once when the blueprint is registered rather than for every webhook.
+_EVENT_NAMES = "vero_bridge.event_names"
+
+
+@bp.record_once
+def _build_event_names(state) -> None:
+    state.app.extensions[_EVENT_NAMES] = event_names_with(
+        get_runtime(state.app).config.vero_event_names
+    )
+
 
 LIBRARY = {"name": version.NAME, "version": version.VERSION}
 
@@ -53,7 +65,7 @@ def webhook(token: str):
         return refuse(VERO_TO_SEGMENT, 400, items.code, items.error)
     # A lone webhook that is invalid is a 400; in an array, a per-item rejection.
     single = not raw.lstrip()[:3].upper().startswith((b"[", b"%5B"))
-    names = event_names_with(config.vero_event_names)
+    names = current_app.extensions[_EVENT_NAMES]
     now = time.time()
     results = [
         map_webhook(item, event_names=names, library=LIBRARY, received_at=now) for item in items
