@@ -95,7 +95,11 @@ def map_webhook(
 
     `event_names` is the full table (see `event_names_with`); `library` is
     this service's `{"name", "version"}`; `received_at` (Unix seconds) is the
-    timestamp used when the webhook carries no time of its own."""
+    timestamp used when the webhook carries no time of its own. A `Reject`
+    given as `payload` (the edge's verdict on one element of a body) is
+    returned as it is."""
+    if isinstance(payload, Reject):
+        return payload
     if not isinstance(payload, dict):
         return Reject("webhook must be a JSON object", "not_object")
     try:
