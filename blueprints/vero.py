@@ -5,19 +5,31 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
 
-from flask import Blueprint, request
+from flask import Blueprint, current_app, request
 
-from blueprints.common import answer, refuse, secret_matches
+from blueprints.common import Refusal, accepted_secrets, answer, matching_secret, read_body, refuse
 from service import jsonbody, version
 from service.directions import VERO_TO_SEGMENT
+from service.jsonbody import Messages
 from service.results import Reject
 from service.runtime import get_runtime
 from service.vero_to_segment.mapping import event_names_with, map_webhook
 
 bp = Blueprint("vero", __name__)
+
+# The event-name table (MAPPING.md B.1 with VERO_EVENT_NAMES applied), built
+# once when the blueprint is registered rather than for every webhook.
+_EVENT_NAMES = "vero_bridge.event_names"
+
+
+@bp.record_once
+def _build_event_names(state) -> None:
+    state.app.extensions[_EVENT_NAMES] = event_names_with(
+        get_runtime(state.app).config.vero_event_names
+    )
+
 
 LIBRARY = {"name": version.NAME, "version": version.VERSION}
 
@@ -36,37 +48,42 @@ def webhook(token: str):
         return refuse(
             VERO_TO_SEGMENT, 503, "not_configured", "not configured: set SEGMENT_WRITE_KEY"
         )
-    if not config.vero_webhook_token:
+    tokens = accepted_secrets(config.vero_webhook_token, config.vero_webhook_token_previous)
+    if not tokens:
         return refuse(
             VERO_TO_SEGMENT,
             401,
             "unauthorized",
             "VERO_WEBHOOK_TOKEN is not set, so no webhook can be authenticated",
         )
-    if not secret_matches(token, config.vero_webhook_token):
+    if matching_secret(token, tokens) is None:
         return refuse(
             VERO_TO_SEGMENT, 401, "unauthorized", "unauthorized: the token in the URL is not valid"
         )
-    raw = request.get_data(cache=False)
-    items = parse_body(raw, request.content_type)
-    if isinstance(items, Reject):
-        return refuse(VERO_TO_SEGMENT, 400, items.code, items.error)
-    # A lone webhook that is invalid is a 400; in an array, a per-item rejection.
-    single = not raw.lstrip()[:3].upper().startswith((b"[", b"%5B"))
-    names = event_names_with(config.vero_event_names)
+    raw = read_body(config.max_body_bytes)
+    if isinstance(raw, Refusal):
+        return refuse(VERO_TO_SEGMENT, raw.status, raw.reason, raw.message)
+    body = parse_body(raw, request.content_type)
+    if isinstance(body, Reject):
+        return refuse(VERO_TO_SEGMENT, 400, body.code, body.error)
+    names = current_app.extensions[_EVENT_NAMES]
     now = time.time()
     results = [
-        map_webhook(item, event_names=names, library=LIBRARY, received_at=now) for item in items
+        map_webhook(item, event_names=names, library=LIBRARY, received_at=now)
+        for item in body.items
     ]
-    return answer(VERO_TO_SEGMENT, results, single and len(results) == 1)
+    # A lone webhook that is invalid is a 400; in an array, a per-item rejection.
+    return answer(VERO_TO_SEGMENT, results, body.single)
 
 
 # ---------------------------------------------------------------------------
 # The request body
 
 
-def parse_body(raw: bytes, content_type: str | None) -> list[Any] | Reject:
-    """The webhooks in a request body: one JSON object, or a JSON array of them.
+def parse_body(raw: bytes, content_type: str | None) -> Messages | Reject:
+    """The webhooks in a request body: one JSON object (`single`), or a JSON
+    array of them, decided here from the JSON itself (after a byte-order mark,
+    URL-encoding or a form field), and nowhere else.
 
     Some senders and proxies URL-encode the body. The body's shape decides,
     not the Content-Type header (a proxy that re-encodes a body rarely fixes
@@ -79,15 +96,12 @@ def parse_body(raw: bytes, content_type: str | None) -> list[Any] | Reject:
       as ambiguous).
     Elements of an array are returned as they are; `map_webhook` rejects the
     ones that are not objects, so that one bad element does not cost the rest.
+    A number too large for a float refuses the webhook holding it, naming it.
     """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return Reject(f"body is not valid UTF-8 (byte {error.start})", "bad_encoding")
-    # A byte-order mark is not JSON, but some Windows tools add one.
-    text = text.removeprefix("\ufeff").strip()
-    if not text:
-        return Reject("body is empty", "empty_body")
+    text = jsonbody.decode(raw)
+    if isinstance(text, Reject):
+        return text
+    text = text.strip()
     if not text.startswith(_JSON_STARTS):
         decoded = _url_decoded_json(text, content_type)
         if isinstance(decoded, Reject):
@@ -130,14 +144,20 @@ def _not_json_error(content_type: str | None) -> str:
     return "body is not JSON: expected a JSON object or array (plain or URL-encoded)"
 
 
-def _parse_json(text: str) -> list[Any] | Reject:
-    value = jsonbody.loads(text, max_nesting=MAX_NESTING)
-    if isinstance(value, Reject):
-        return value
+def _parse_json(text: str) -> Messages | Reject:
+    document = jsonbody.loads(text, max_nesting=MAX_NESTING)
+    if isinstance(document, Reject):
+        return document
+    value = document.value
     if isinstance(value, dict):
-        return [value]
-    if isinstance(value, list):
+        body = Messages([value], single=True)
+    elif isinstance(value, list):
         if not value:
             return Reject("body is an empty array", "empty_body")
-        return value
-    return Reject("body must be a JSON object or an array of objects", "not_object")
+        body = Messages(value, single=False)
+    else:
+        return Reject("body must be a JSON object or an array of objects", "not_object")
+    if document.has_too_large:
+        items = [jsonbody.too_large_field(item, "webhook") or item for item in body.items]
+        body = Messages(items, body.single)
+    return body

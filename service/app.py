@@ -8,7 +8,7 @@ import re
 import time
 import uuid
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, g, request
 from werkzeug.exceptions import HTTPException
 
 from service import logs
@@ -32,6 +32,10 @@ def create_app(config: Config | None = None, senders: list[Sender] | None = None
     logs.configure(config.log_level)
 
     app = Flask(__name__)
+    # No redirects: a 308 for "//v1/batch" would be followed by some clients,
+    # counted as delivered by others (3xx is success to analytics-node), and
+    # would echo a webhook token in its Location. Such a path is a 404.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     database_url = config.database_url or "sqlite:///" + os.path.join(
         app.instance_path, "vero-bridge.db"
@@ -95,21 +99,26 @@ def _install_request_hooks(app: Flask) -> None:
 
 
 def _install_error_handlers(app: Flask) -> None:
+    # Answers in the edges' shape: {"error": ...}, with Segment's `code` and
+    # `message` too on the /v1 routes, whose clients read them.
+    from blueprints.common import error
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        if exc.code == 413:
+        status = exc.code or 500
+        if status == 413:
             limit = app.config["MAX_CONTENT_LENGTH"]
             message = f"request body is larger than the limit of {limit} bytes"
         else:
             message = exc.name.lower()
-        return jsonify(error=message), exc.code
+        return error(status, message, "_".join(exc.name.lower().split()))
 
     @app.errorhandler(StoreError)
     def store_error(exc: StoreError):
         log.error("outbox unavailable: %s", exc)
-        return jsonify(error="the outbox cannot be written; retry later"), 503
+        return error(503, "the outbox cannot be written; retry later", "outbox_unavailable")
 
     @app.errorhandler(Exception)
     def internal_error(exc: Exception):
         log.exception("unhandled error")
-        return jsonify(error="internal error"), 500
+        return error(500, "internal error", "internal_error")

@@ -7,9 +7,14 @@ strings, timestamps stay strings. That keeps a loaded message JSON-ready and
 lets the mapping decide how to convert. Dumping fills in `type` and renders a
 `datetime` timestamp as ISO-8601, for code that builds messages (direction B).
 
-Error messages are predicates ("is required", "must be an object") keyed by
-field, so `validate_message` callers can write "<field> <message>"; messages
-that already start with their field name are whole sentences.
+The schemas check the *shapes* of fields (objects, strings, ids, ISO-8601
+timestamps). Which fields a message must have (a user, a track's event, an
+alias's previousId) are rules of MAPPING.md A.1 with their own order and
+wording, so they live once, in the mapping (`segment_to_vero.mapping`); a
+built message (direction B) has them by construction.
+
+Error messages are predicates ("must be an object") keyed by field, so
+`validate_message` callers can write "<field> <message>".
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import INCLUDE, Schema, fields, validate
 
 MESSAGE_TYPES = ("identify", "track", "page", "screen", "group", "alias", "delete")
 
@@ -157,43 +162,15 @@ class MessageSchema(Schema):
     context = _object()
     integrations = _object()
 
-    @validates_schema
-    def _needs_a_user(self, data, **kwargs):
-        if not self._identifies_user(data):
-            raise ValidationError(self._user_requirement, field_name="userId")
-
-    _user_requirement = "userId or anonymousId is required"
-
-    def _identifies_user(self, data: dict) -> bool:
-        return has_value(data.get("userId")) or has_value(data.get("anonymousId"))
-
 
 class IdentifySchema(MessageSchema):
     type = _type("identify")
     traits = _object()
 
-    # Vero can key a user on an email alone, so an identify carrying only an
-    # email is still a usable message here (MAPPING.md A.2).
-    _user_requirement = "userId, anonymousId or traits.email is required"
-
-    def _identifies_user(self, data: dict) -> bool:
-        if super()._identifies_user(data):
-            return True
-        traits = data.get("traits")
-        context_traits = (data.get("context") or {}).get("traits")
-        return any(
-            isinstance(source, dict) and has_value(source.get("email"))
-            for source in (traits, context_traits)
-        )
-
 
 class TrackSchema(MessageSchema):
     type = _type("track")
-    event = fields.String(
-        required=True,
-        validate=validate.Length(min=1, error="is required"),
-        error_messages={**_MESSAGES, "invalid": "must be a string"},
-    )
+    event = _string()
     properties = _object()
 
 
@@ -216,7 +193,7 @@ class GroupSchema(MessageSchema):
 
 class AliasSchema(MessageSchema):
     type = _type("alias")
-    previousId = _id(required=True)
+    previousId = _id()
 
 
 class DeleteSchema(MessageSchema):

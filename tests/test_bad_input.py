@@ -1,6 +1,6 @@
 """Hostile and broken input, generated: the mappings never raise, and every HTTP
-entry point answers 200, 400, 401 or 413 (never 500), storing exactly what it
-acknowledged and nothing invalid.
+entry point answers 200, 400, 401, 413 or 415 (never 500), storing exactly what
+it acknowledged and nothing invalid, and never the shared secret.
 
 The app runs with no senders, so stored work stays put; after each request the
 test drains the outbox through the Store interface, which yields exactly the
@@ -10,8 +10,11 @@ items that request stored.
 from __future__ import annotations
 
 import base64
+import gzip
+import io
 import json
 import time
+import zlib
 from urllib.parse import quote
 
 import pytest
@@ -35,7 +38,7 @@ SHARED_SECRET = "bad-input-shared-secret"
 WEBHOOK_TOKEN = "bad-input-webhook-token"
 MAX_BODY_BYTES = 64 * 1024
 A, B = "segment_to_vero", "vero_to_segment"
-ALLOWED = {200, 400, 401, 413}
+ALLOWED = {200, 400, 401, 413, 415}
 LIBRARY = {"name": "vero-bridge", "version": "0.0.0"}
 
 # The generated oversized bodies make hypothesis warn about their long repr.
@@ -352,6 +355,8 @@ def check_answer(app, direction: str, answer, check_payload) -> None:
         assert len(stored) == answer.json["accepted"]
         for payload in stored:
             check_payload(payload)
+            # A writeKey in the body authenticates; it is never stored.
+            assert SHARED_SECRET not in json.dumps(payload)
     else:
         assert stored == [], "a refused request stored work"
         assert answer.json["error"]
@@ -407,10 +412,13 @@ def test_direction_a_answers_every_body_without_error_and_stores_only_valid_work
     headers = _segment_headers(how, body, noise)
     answer = client.post(route, data=body, headers=headers, content_type=content_type or None)
     if how not in ("basic", "signature"):
-        # Unauthenticated is 401, except that a signature is checked over the
-        # body, so a signed body past the limit is refused as too large first.
-        signed = bool(headers.get("X-Signature"))
-        assert answer.status_code == (413 if signed and len(body) > MAX_BODY_BYTES else 401)
+        # Unauthenticated is 401. A wrong Authorization header is refused
+        # unread; without one, the credential may be in the body (writeKey,
+        # X-Signature), so a body past the limit is refused as too large first.
+        header_sent = bool(headers.get("Authorization", "").strip())
+        assert answer.status_code == (
+            413 if not header_sent and len(body) > MAX_BODY_BYTES else 401
+        )
     check_answer(app, A, answer, assert_valid_vero_work)
 
 
@@ -461,3 +469,178 @@ def test_a_lone_surrogate_that_would_be_sent_to_vero_is_refused_at_the_door(app)
     answer = client.post("/segment", data=body, headers={"X-Signature": sign(body, SHARED_SECRET)})
     assert answer.status_code == 400
     check_answer(app, A, answer, assert_valid_vero_work)
+
+
+# ---------------------------------------------------------------------------
+# The shapes SERVICE.md's new rules bring: compressed and unframed bodies,
+# writeKey and Bearer, arrays behind a signature, numbers no float can hold.
+
+_TOO_LARGE = ["1e400", "-1e400", "9" * 400, "-" + "9" * 5000, "1.8e308", "1e308", "4.2"]
+
+
+def _with_number(value, number: str) -> bytes:
+    """`value` as JSON with `number` written as it stands into its first object."""
+    marker = "__number__"
+    if isinstance(value, dict):
+        value = {**value, "properties": {"n": marker}}
+    elif isinstance(value, list) and value and isinstance(value[0], dict):
+        value = [{**value[0], "properties": {"n": marker}}, *value[1:]]
+    return json.dumps(value).replace(f'"{marker}"', number).encode()
+
+
+def _encode(body: bytes, encoding: str) -> tuple[bytes, dict[str, str]]:
+    if encoding == "gzip":
+        return gzip.compress(body), {"Content-Encoding": "gzip"}
+    if encoding == "deflate":
+        return zlib.compress(body), {"Content-Encoding": "deflate"}
+    if encoding == "raw deflate":
+        stream = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        return stream.compress(body) + stream.flush(), {"Content-Encoding": "deflate"}
+    if encoding == "corrupt gzip":
+        return gzip.compress(body)[:-4], {"Content-Encoding": "gzip"}
+    if encoding == "br":
+        return body, {"Content-Encoding": "br"}
+    return body, {}
+
+
+_encodings = st.sampled_from(
+    ["none", "none", "gzip", "deflate", "raw deflate", "corrupt gzip", "br"]
+)
+_credentials = st.sampled_from(
+    [
+        "bearer",
+        "writeKey",
+        "writeKey and basic",
+        "signed first element",
+        "signed whole body",
+        "wrong bearer",
+        "wrong writeKey",
+        "writeKey disagreeing with basic",
+    ]
+)
+_WITH_SECRET = {"bearer", "writeKey", "writeKey and basic"}
+_SIGNED = {"signed first element", "signed whole body"}
+
+
+def _message_bodies():
+    recent = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    messages = segment_messages.map(lambda m: {**m, "timestamp": recent}) | segment_messages
+    return st.one_of(
+        messages,
+        st.lists(messages | json_values, min_size=1, max_size=4),
+        st.fixed_dictionaries({"batch": st.lists(messages, max_size=3)}),
+    )
+
+
+def _credential_headers(how: str, value, text: bytes) -> tuple[bytes, dict[str, str]]:
+    """The body (possibly with a writeKey added) and headers for `how`."""
+    headers: dict[str, str] = {}
+    if how in (
+        "writeKey",
+        "writeKey and basic",
+        "wrong writeKey",
+        "writeKey disagreeing with basic",
+    ):
+        if isinstance(value, dict):
+            key = "wrong" if how == "wrong writeKey" else SHARED_SECRET
+            if how == "writeKey disagreeing with basic":
+                key = "other"
+            text = json.dumps({**value, "writeKey": key}).encode()
+        if how in ("writeKey and basic", "writeKey disagreeing with basic"):
+            headers["Authorization"] = _basic(SHARED_SECRET + ":")
+    elif how == "bearer":
+        headers["Authorization"] = f"Bearer {SHARED_SECRET}"
+    elif how == "wrong bearer":
+        headers["Authorization"] = f"Bearer {SHARED_SECRET}x"
+    elif how == "signed first element":
+        first = json.dumps(value[0]).encode() if isinstance(value, list) and value else text
+        if isinstance(value, list) and value:
+            text = b"[" + b",".join(json.dumps(item).encode() for item in value) + b"]"
+        headers["X-Signature"] = sign(first, SHARED_SECRET)
+    elif how == "signed whole body":
+        headers["X-Signature"] = sign(text, SHARED_SECRET)
+    return text, headers
+
+
+def _message_count(value) -> int:
+    if isinstance(value, dict) and "batch" in value:
+        return len(value["batch"]) if isinstance(value["batch"], list) else 0
+    return len(value) if isinstance(value, list) else 1
+
+
+@SETTINGS
+@given(
+    route=_segment_routes | st.sampled_from(["/v1/import", "/v1/import/", "/v1/track/"]),
+    value=_message_bodies(),
+    number=st.none() | st.sampled_from(_TOO_LARGE),
+    how=_credentials,
+    encoding=_encodings,
+    unframed=st.booleans(),
+)
+def test_direction_a_holds_its_rules_for_every_way_a_body_can_arrive(
+    app, route, value, number, how, encoding, unframed
+):
+    text = json.dumps(value).encode() if number is None else _with_number(value, number)
+    text, headers = _credential_headers(how, value, text)
+    body, coding = _encode(text, encoding)
+    headers.update(coding)
+    client = app.test_client()
+    if unframed:
+        # As gunicorn hands over a chunked body: no length, the stream ended.
+        answer = client.post(
+            route,
+            input_stream=io.BytesIO(body),
+            headers=headers,
+            environ_overrides={"wsgi.input_terminated": True},
+        )
+    else:
+        answer = client.post(route, data=body, headers=headers)
+
+    if how in ("wrong bearer", "writeKey disagreeing with basic"):
+        assert answer.status_code in (401, 413, 415, 400) and answer.status_code != 200
+    if how == "wrong writeKey" and isinstance(value, dict):
+        assert answer.status_code != 200
+    if how in _SIGNED and answer.status_code == 200:
+        # One signature, one message: never a batch riding on it.
+        assert _message_count(value) == 1
+    if encoding == "br":
+        assert answer.status_code in (401, 415)
+    if encoding == "corrupt gzip" and how in _WITH_SECRET:
+        assert answer.status_code == 400
+    if route.startswith("/v1") and answer.status_code != 200:
+        assert set(answer.json) == {"error", "code", "message"}
+    check_answer(app, A, answer, assert_valid_vero_work)
+
+
+@SETTINGS
+@given(
+    value=st.one_of(vero_webhooks, st.lists(vero_webhooks | json_values, min_size=1, max_size=4)),
+    number=st.none() | st.sampled_from(_TOO_LARGE),
+    encoding=_encodings,
+    unframed=st.booleans(),
+    bom=st.booleans(),
+)
+def test_direction_b_holds_its_rules_for_every_way_a_body_can_arrive(
+    app, value, number, encoding, unframed, bom
+):
+    text = json.dumps(value).encode() if number is None else _with_number(value, number)
+    if bom:
+        text = b"\xef\xbb\xbf" + text
+    body, headers = _encode(text, encoding)
+    client = app.test_client()
+    path = "/vero/webhooks/" + WEBHOOK_TOKEN
+    if unframed:
+        answer = client.post(
+            path,
+            input_stream=io.BytesIO(body),
+            headers=headers,
+            environ_overrides={"wsgi.input_terminated": True},
+        )
+    else:
+        answer = client.post(path, data=body, headers=headers)
+
+    if isinstance(value, list) and answer.status_code == 400:
+        # An array is judged element by element, however it was written: only
+        # a problem of the body as a whole refuses it all.
+        assert answer.json["error"].startswith(("body", "the body")), answer.json
+    check_answer(app, B, answer, assert_valid_segment_work)

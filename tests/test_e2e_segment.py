@@ -91,9 +91,11 @@ def per_user(received):
     return users
 
 
-def test_signed_messages_of_every_type_reach_vero_exactly_once_in_each_users_order(service, vero):
+def test_messages_of_every_type_reach_vero_exactly_once_in_each_users_order(service, vero):
     samples = {user: every_type(user) for user in ("u1", "u2")}
-    # Interleave the two users' messages, each posted on its own and signed.
+    # Interleave the two users' messages, each posted on its own as a Webhooks
+    # (Actions) destination does with an Authorization header. (The samples'
+    # timestamps are years old: X-Signature alone would no longer do.)
     for first, second in zip(samples["u1"], samples["u2"], strict=True):
         for message, _ in (first, second):
             raw = json.dumps(message).encode()
@@ -101,7 +103,7 @@ def test_signed_messages_of_every_type_reach_vero_exactly_once_in_each_users_ord
                 service.url + "/segment",
                 data=raw,
                 timeout=10,
-                headers={"Content-Type": "application/json", "X-Signature": sign(raw, SECRET)},
+                headers={"Content-Type": "application/json", "Authorization": f"Bearer {SECRET}"},
             )
             assert response.status_code == 200, response.text
             assert response.json()["accepted"] == 1
@@ -117,6 +119,45 @@ def test_signed_messages_of_every_type_reach_vero_exactly_once_in_each_users_ord
     assert per_user(received) == expected
     assert len(received) == sum(len(calls) for calls in expected.values())
     assert set(vero.statuses()) == {200}
+
+
+def test_a_signed_message_reaches_vero_and_a_signed_batch_is_refused(service, vero):
+    """Segment's Webhooks destination signs each message (X-Signature); with
+    batching on it signs only the first, so a batch needs another credential."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    message = {
+        "type": "track",
+        "userId": "u7",
+        "event": "Signed Up",
+        "timestamp": now.isoformat().replace("+00:00", "Z"),
+    }
+    raw = json.dumps(message).encode()
+    second = json.dumps({**message, "userId": "intruder"})
+    batch = b"[" + raw + b"," + second.encode() + b"]"
+
+    single = requests.post(
+        service.url + "/segment", data=raw, timeout=10, headers={"X-Signature": sign(raw, SECRET)}
+    )
+    forged = requests.post(
+        service.url + "/segment", data=batch, timeout=10, headers={"X-Signature": sign(raw, SECRET)}
+    )
+
+    assert single.status_code == 200, single.text
+    assert forged.status_code == 401
+    wait_until_delivered(service, 1)
+    extras = {"created_at": int(now.timestamp()), "source": "segment"}
+    assert vero.received() == [
+        (
+            "POST",
+            "/events/track",
+            {
+                "identity": {"id": "u7"},
+                "event_name": "Signed Up",
+                "extras": extras,
+                "auth_token": TOKEN,
+            },
+        )
+    ]
 
 
 def test_segments_python_library_can_use_the_service_as_its_host(service, vero):

@@ -93,7 +93,9 @@ def chunks(items: list, size: int) -> list[list]:
 
 def post_segment(base_url: str, messages: list[dict]) -> None:
     """Send in order, alternating Segment's two ways in: the Segment library
-    route with Basic auth, and the webhook route with a signed array."""
+    route with Basic auth, and the webhook route with a signed array (which,
+    holding several messages, also needs the Authorization header a Webhooks
+    (Actions) destination sends: X-Signature authenticates one message)."""
     for number, chunk in enumerate(chunks(messages, 8)):
         if number % 2:
             answer = requests.post(
@@ -109,6 +111,7 @@ def post_segment(base_url: str, messages: list[dict]) -> None:
                 headers={
                     "Content-Type": "application/json",
                     "X-Signature": sign(first.encode(), SHARED_SECRET),
+                    "Authorization": f"Bearer {SHARED_SECRET}",
                 },
             )
         assert_accepted(answer, len(chunk))

@@ -98,7 +98,14 @@ def test_no_secret_and_no_email_reaches_logs_errors_or_answers(credential, upstr
             return answer
 
         # Direction A: accepted messages carrying emails, both ways of signing.
-        identify = {"type": "identify", "userId": "u1", "traits": {"email": emails[0]}}
+        # A message signed with X-Signature alone must be recent (SERVICE.md).
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        identify = {
+            "type": "identify",
+            "userId": "u1",
+            "traits": {"email": emails[0]},
+            "timestamp": now,
+        }
         track = {
             "type": "track",
             "userId": "u2",

@@ -7,6 +7,7 @@ from urllib.parse import quote, quote_plus, urlencode
 import pytest
 
 from blueprints.vero import parse_body
+from service.jsonbody import Messages
 from service.messages import TrackSchema
 from service.results import Accept, Reject, Skip
 from service.vero_to_segment.mapping import (
@@ -613,56 +614,64 @@ def test_encode_message_is_compact_utf8_json():
 # The request body
 
 
+def one(webhook):
+    return Messages([webhook], single=True)
+
+
+def several(*webhooks):
+    return Messages(list(webhooks), single=False)
+
+
 def test_a_json_object_is_one_webhook():
-    assert parse_body(json.dumps(EXAMPLE).encode(), "application/json") == [EXAMPLE]
+    assert parse_body(json.dumps(EXAMPLE).encode(), "application/json") == one(EXAMPLE)
 
 
 def test_a_json_array_is_several_webhooks_kept_in_order():
     body = json.dumps([EXAMPLE, minimal("sent")]).encode()
-    assert parse_body(body, "application/json") == [EXAMPLE, minimal("sent")]
+    assert parse_body(body, "application/json") == several(EXAMPLE, minimal("sent"))
 
 
 def test_array_elements_that_are_not_objects_are_left_for_map_webhook():
-    items = parse_body(b'[{"type": "sent", "user": {"id": 1}}, 5]', "application/json")
+    items = parse_body(b'[{"type": "sent", "user": {"id": 1}}, 5]', "application/json").items
     assert items == [{"type": "sent", "user": {"id": 1}}, 5]
     assert run(items[1]) == Reject("webhook must be a JSON object", "not_object")
 
 
 def test_surrounding_whitespace_and_a_byte_order_mark_are_ignored():
     body = b"\xef\xbb\xbf \n" + json.dumps(EXAMPLE).encode() + b"\n"
-    assert parse_body(body, "application/json") == [EXAMPLE]
+    assert parse_body(body, "application/json") == one(EXAMPLE)
 
 
 def test_the_content_type_does_not_decide():
-    assert parse_body(json.dumps(EXAMPLE).encode(), "text/plain") == [EXAMPLE]
-    assert parse_body(json.dumps(EXAMPLE).encode(), None) == [EXAMPLE]
+    assert parse_body(json.dumps(EXAMPLE).encode(), "text/plain") == one(EXAMPLE)
+    assert parse_body(json.dumps(EXAMPLE).encode(), None) == one(EXAMPLE)
 
 
 def test_non_ascii_text_is_read_as_utf8():
     body = json.dumps({"type": "sent", "user": {"id": "Zoë"}}, ensure_ascii=False).encode("utf-8")
-    assert parse_body(body, "application/json") == [{"type": "sent", "user": {"id": "Zoë"}}]
+    assert parse_body(body, "application/json") == one({"type": "sent", "user": {"id": "Zoë"}})
 
 
 @pytest.mark.parametrize("encode", [quote, quote_plus], ids=["percent", "form-plus"])
 def test_a_wholly_url_encoded_body_is_decoded(encode):
     body = encode(json.dumps(EXAMPLE, ensure_ascii=False)).encode("ascii")
-    assert parse_body(body, "application/x-www-form-urlencoded") == [EXAMPLE]
+    assert parse_body(body, "application/x-www-form-urlencoded") == one(EXAMPLE)
 
 
 def test_a_wholly_url_encoded_array_is_decoded():
     body = quote(json.dumps([EXAMPLE, EXAMPLE])).encode("ascii")
-    assert parse_body(body, "application/json") == [EXAMPLE, EXAMPLE]
+    assert parse_body(body, "application/json") == several(EXAMPLE, EXAMPLE)
 
 
 @pytest.mark.parametrize("field", ["payload", "data", "anything"])
 def test_a_form_field_holding_the_json_is_used(field):
     body = urlencode({field: json.dumps(EXAMPLE)}).encode("ascii")
-    assert parse_body(body, "application/x-www-form-urlencoded") == [EXAMPLE]
+    assert parse_body(body, "application/x-www-form-urlencoded") == one(EXAMPLE)
 
 
 def test_other_form_fields_beside_the_json_are_ignored():
     body = urlencode({"source": "vero", "payload": json.dumps(EXAMPLE), "n": "1"}).encode("ascii")
-    assert parse_body(body, "application/x-www-form-urlencoded") == [EXAMPLE]
+    assert parse_body(body, "application/x-www-form-urlencoded") == one(EXAMPLE)
 
 
 def test_a_form_with_two_json_fields_is_ambiguous():
@@ -742,7 +751,7 @@ def test_nesting_is_capped_well_above_what_vero_sends():
         tags = "[" * (levels - 2) + "]" * (levels - 2)
         return ('{"type": "sent", "user": {"id": 1}, "campaign": {"tags": %s}}' % tags).encode()
 
-    assert isinstance(parse_body(body(32), None), list)
+    assert isinstance(parse_body(body(32), None), Messages)
     assert parse_body(body(33), None) == Reject(
         "body is not valid JSON: nested more than 32 levels deep", "bad_json"
     )
@@ -756,3 +765,45 @@ def test_multipart_bodies_are_refused_with_a_hint():
     assert parse_body(body, "multipart/form-data; boundary=xyz") == Reject(
         "multipart bodies are not supported; send the webhook as JSON", "bad_json"
     )
+
+
+# Every way a body can be written: plain, after a byte-order mark and
+# whitespace, wholly percent-encoded (both flavours), and inside a form field.
+BODY_ENCODINGS = {
+    "plain": lambda text: text.encode(),
+    "bom-and-whitespace": lambda text: b"\xef\xbb\xbf \r\n" + text.encode() + b"\n",
+    "percent": lambda text: quote(text).encode(),
+    "form-plus": lambda text: quote_plus(text).encode(),
+    "form-field": lambda text: urlencode({"payload": text}).encode(),
+    "bom-form-field": lambda text: b"\xef\xbb\xbf" + urlencode({"data": text}).encode(),
+}
+
+
+@pytest.mark.parametrize("encode", BODY_ENCODINGS.values(), ids=BODY_ENCODINGS.keys())
+def test_the_shape_is_the_jsons_whatever_the_encoding(encode):
+    """A one-element array is an array (its elements judged one by one), and an
+    object a single webhook, however the body was written (issue 9's defect:
+    a BOM or a form field made a one-element array count as single)."""
+    assert parse_body(encode(json.dumps([EXAMPLE])), None) == several(EXAMPLE)
+    assert parse_body(encode(json.dumps(EXAMPLE)), None) == one(EXAMPLE)
+    assert parse_body(encode(json.dumps([EXAMPLE, 5])), None) == several(EXAMPLE, 5)
+
+
+@pytest.mark.parametrize(
+    "number", ["1e400", "-1e400", "1" * 400, "-" + "9" * 309, "1.8e308"], ids=str.__len__
+)
+def test_a_number_too_large_for_a_float_refuses_only_its_webhook(number):
+    bad = '{"type": "sent", "sent_at": %s, "user": {"id": "u1"}}' % number
+    good = json.dumps(minimal("sent"))
+    body = parse_body(f"[{good}, {bad}]".encode(), None)
+    assert body.items[0] == minimal("sent")
+    shown = number if len(number) <= 24 else number[:20] + "..."
+    assert body.items[1] == Reject(f"sent_at is a number too large for a float ({shown})", "number")
+    assert run(body.items[1]) == body.items[1]  # the mapping passes the verdict on
+    single = parse_body(bad.encode(), None)
+    assert single.single and isinstance(single.items[0], Reject)
+
+
+def test_numbers_a_float_can_hold_are_kept():
+    body = parse_body(b'{"type": "sent", "n": 1.7e308, "big": ' + b"9" * 300 + b"}", None)
+    assert body.items[0]["n"] == 1.7e308 and body.items[0]["big"] == int("9" * 300)

@@ -13,7 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blueprints.segment import basic_auth_ok, signature_ok, split_body
+from blueprints.common import matching_secret
+from blueprints.segment import signature_ok, split_body
+from service.jsonbody import Messages
 from service.results import Accept, Reject, Skip
 from service.segment_to_vero.mapping import looks_like_email, map_message
 
@@ -1023,12 +1025,12 @@ def test_tags_are_read_only_from_an_options_object():
 
 def test_split_body_takes_one_message():
     message = {"type": "track", "userId": "u1"}
-    assert split_body(message, None) == [message]
+    assert split_body(message, None) == Messages([message], single=True)
 
 
 def test_split_body_takes_an_array_as_given():
     items = [{"type": "track"}, "junk", {"type": "page"}]
-    assert split_body(items, None) == items
+    assert split_body(items, None) == Messages(items, single=False)
 
 
 def test_split_body_merges_batch_context_and_integrations_one_level_deep():
@@ -1044,7 +1046,7 @@ def test_split_body_merges_batch_context_and_integrations_one_level_deep():
         "sentAt": "2014",
     }
     before = copy.deepcopy(body)
-    assert split_body(body, None) == [
+    assert split_body(body, None).items == [
         {
             "type": "track",
             "context": {"ip": "own", "library": {"name": "analytics-python"}},
@@ -1066,7 +1068,9 @@ def test_split_body_merges_nothing_deeper_than_one_level():
         "batch": [{"type": "track", "context": {"traits": {"a": 1}}}],
         "context": {"traits": {"b": 2}},
     }
-    assert split_body(body, None) == [{"type": "track", "context": {"traits": {"a": 1}}}]
+    assert split_body(body, None) == Messages(
+        [{"type": "track", "context": {"traits": {"a": 1}}}], single=False
+    )
 
 
 @pytest.mark.parametrize(
@@ -1097,7 +1101,7 @@ def test_split_body_fills_in_the_route_type_and_rejects_a_contradiction_per_item
             [],
         ]
     }
-    assert split_body(body, "track") == [
+    assert split_body(body, "track").items == [
         {"userId": "u1", "type": "track"},
         Reject("type must be 'track' on /v1/track", "type"),
         {"type": "track", "event": "e"},
@@ -1108,7 +1112,7 @@ def test_split_body_fills_in_the_route_type_and_rejects_a_contradiction_per_item
 
 def test_split_body_then_map_message_gives_per_item_outcomes():
     body = [{"userId": "u1", "event": "e", "timestamp": "2014"}, {"type": "page", "userId": "u1"}]
-    results = [map_(item) for item in split_body(body, "track")]
+    results = [map_(item) for item in split_body(body, "track").items]
     assert results[0].payload == {"calls": [event("e")]}
     assert results[1] == Reject("type must be 'track' on /v1/track", "type")
 
@@ -1125,24 +1129,24 @@ def sign(data: bytes, secret: str = SECRET) -> str:
 
 def test_a_single_message_body_is_signed_whole():
     body = b'{"type": "track", "userId": "u1", "event": "e"}'
-    assert signature_ok(body, sign(body), SECRET) is True
-    assert signature_ok(body, sign(body).upper(), SECRET) is True
-    assert signature_ok(body, sign(body, "other"), SECRET) is False
-    assert signature_ok(body + b" ", sign(body), SECRET) is False
+    assert signature_ok(body, sign(body), [SECRET]) is True
+    assert signature_ok(body, sign(body).upper(), [SECRET]) is True
+    assert signature_ok(body, sign(body, "other"), [SECRET]) is False
+    assert signature_ok(body + b" ", sign(body), [SECRET]) is False
 
 
 def test_an_array_body_is_signed_by_its_first_element_as_written():
     first = '{"type": "track", "userId": "u1", "properties": {"list": [1, 2], "s": "caf\\u00e9 ]"}, "n": "é"}'
     body = ("\n [ \t" + first + " ,\n" + '{"type": "page"}]').encode("utf-8")
-    assert signature_ok(body, sign(first.encode("utf-8")), SECRET) is True
+    assert signature_ok(body, sign(first.encode("utf-8")), [SECRET]) is True
     reserialised = json.dumps(json.loads(first)).encode()
-    assert signature_ok(body, sign(reserialised), SECRET) is False
-    assert signature_ok(body, sign(b'{"type": "page"}'), SECRET) is False
+    assert signature_ok(body, sign(reserialised), [SECRET]) is False
+    assert signature_ok(body, sign(b'{"type": "page"}'), [SECRET]) is False
 
 
 def test_an_array_body_signed_whole_is_accepted_too():
     body = b'[{"type": "track"}]'
-    assert signature_ok(body, sign(body), SECRET) is True
+    assert signature_ok(body, sign(body), [SECRET]) is True
 
 
 @pytest.mark.parametrize(
@@ -1158,22 +1162,31 @@ def test_an_array_body_signed_whole_is_accepted_too():
     ],
 )
 def test_a_missing_or_wrong_signature_fails(body, header, secret):
-    assert signature_ok(body, header, secret) is False
+    assert signature_ok(body, header, [secret] if secret else []) is False
 
 
 def test_a_malformed_array_body_can_still_be_checked_whole():
     body = b'[{"type": '
-    assert signature_ok(body, sign(body), SECRET) is True
+    assert signature_ok(body, sign(body), [SECRET]) is True
 
 
-def test_basic_auth_user_name_must_be_the_secret():
-    assert basic_auth_ok(SECRET, SECRET) is True
-    assert basic_auth_ok("S3CRET", SECRET) is False
-    assert basic_auth_ok(SECRET + "x", SECRET) is False
-    assert basic_auth_ok(None, SECRET) is False
-    assert basic_auth_ok("", "") is False
-    assert basic_auth_ok("x", None) is False
-    assert basic_auth_ok("clé", "clé") is True
+def test_a_credential_must_be_one_of_the_secrets_exactly():
+    secrets = [SECRET, "previous-secret"]
+    assert matching_secret(SECRET, secrets) == SECRET
+    assert matching_secret("previous-secret", secrets) == "previous-secret"
+    assert matching_secret(SECRET.encode(), secrets) == SECRET
+    assert matching_secret("S3CRET", secrets) is None
+    assert matching_secret(SECRET + "x", secrets) is None
+    assert matching_secret(None, secrets) is None
+    assert matching_secret("", []) is None
+    assert matching_secret("x", []) is None
+    assert matching_secret("clé", ["clé"]) == "clé"
+
+
+def test_a_signature_with_the_previous_secret_is_accepted_while_it_is_set():
+    body = b'{"type": "track"}'
+    assert signature_ok(body, sign(body, "old"), [SECRET, "old"]) is True
+    assert signature_ok(body, sign(body, "old"), [SECRET]) is False
 
 
 # --------------------------------------------------------------------------
@@ -1236,4 +1249,4 @@ def test_any_json_maps_to_an_outcome_without_raising(message, allow_anonymous):
 )
 def test_any_body_splits_without_raising(body):
     for route_type in (None, "track"):
-        assert isinstance(split_body(body, route_type), (list, Reject))
+        assert isinstance(split_body(body, route_type), (Messages, Reject))

@@ -4,6 +4,7 @@ rounds are run by hand (`run_once`) with the real Segment sender talking to a
 pytest-httpserver stand-in for Segment's HTTP API."""
 
 import base64
+import gzip
 import json
 import time
 from datetime import UTC, datetime
@@ -547,3 +548,110 @@ def test_a_permanent_refusal_is_dead_lettered_with_segments_reason(app, client, 
     [dead] = store(app).dead(VERO_TO_SEGMENT, 10)
     assert dead.error == "Segment answered 403: forbidden source"
     assert WRITE_KEY not in dead.error
+
+
+# ---------------------------------------------------------------------------
+# The door: the previous token, compressed bodies, body shapes, numbers
+
+
+def test_while_a_previous_token_is_set_both_are_accepted(make_app, env, segment_ok):
+    app = make_app({**env, "VERO_WEBHOOK_TOKEN_PREVIOUS": "old-token-3f9a"})
+    client = app.test_client()
+
+    assert post(client, webhook(user="a"), path="/vero/webhooks/old-token-3f9a").status_code == 200
+    assert post(client, webhook(user="b")).status_code == 200
+    assert post(client, webhook(user="c"), path="/vero/webhooks/other").status_code == 401
+    deliver(app)
+    assert sorted(m["userId"] for m in all_sent(segment_ok)) == ["a", "b"]
+
+
+def test_without_a_previous_token_the_old_one_is_refused(app, client):
+    assert post(client, webhook(), path="/vero/webhooks/old-token-3f9a").status_code == 401
+    assert states(app) == {}
+
+
+def test_a_gzip_webhook_is_decompressed(app, client, segment_ok):
+    response = post(
+        client,
+        gzip.compress(json.dumps(EXAMPLE).encode()),
+        headers={"Content-Encoding": "gzip"},
+    )
+    assert (response.status_code, response.json) == (200, ok(accepted=1))
+    deliver(app)
+    assert all_sent(segment_ok) == [EXAMPLE_TRACK]
+
+
+def test_a_corrupt_or_unknown_encoding_is_refused(app, client):
+    corrupt = post(client, b"\x1f\x8b broken", headers={"Content-Encoding": "gzip"})
+    unknown = post(client, json.dumps(EXAMPLE), headers={"Content-Encoding": "br"})
+    assert corrupt.status_code == 400 and "gzip" in corrupt.json["error"]
+    assert unknown.status_code == 415
+    # Not Segment's API: errors keep their one key.
+    assert set(corrupt.json) == set(unknown.json) == {"error"}
+    assert states(app) == {}
+
+
+INVALID = {"type": "opened", "user": {}}
+ONE_INVALID_ARRAY = ok(rejected=[{"index": 0, "error": "user.id or user.email is required"}])
+
+
+@pytest.mark.parametrize(
+    "body, content_type",
+    [
+        (json.dumps([INVALID]).encode(), "application/json"),
+        (b"\xef\xbb\xbf" + json.dumps([INVALID]).encode(), "application/json"),
+        (b"  \n" + json.dumps([INVALID]).encode(), "text/plain"),
+        (quote(json.dumps([INVALID])).encode(), "application/x-www-form-urlencoded"),
+        (
+            urlencode({"payload": json.dumps([INVALID])}).encode(),
+            "application/x-www-form-urlencoded",
+        ),
+        (b"\xef\xbb\xbf" + urlencode({"data": json.dumps([INVALID])}).encode(), None),
+        (gzip.compress(b"\xef\xbb\xbf" + json.dumps([INVALID]).encode()), "application/json"),
+    ],
+    ids=["plain", "bom", "whitespace", "percent", "form-field", "bom-form-field", "gzip-bom"],
+)
+def test_a_one_element_array_is_an_array_however_it_is_written(app, client, body, content_type):
+    """Issue 9's defect: a BOM or a form field made it count as one webhook (400)."""
+    headers = {"Content-Encoding": "gzip"} if body[:2] == b"\x1f\x8b" else {}
+    response = client.post(HOOK, data=body, content_type=content_type, headers=headers)
+    assert (response.status_code, response.json) == (200, ONE_INVALID_ARRAY)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps(INVALID).encode(),
+        b"\xef\xbb\xbf" + json.dumps(INVALID).encode(),
+        urlencode({"payload": json.dumps(INVALID)}).encode(),
+    ],
+    ids=["plain", "bom", "form-field"],
+)
+def test_a_lone_invalid_webhook_is_400_however_it_is_written(app, client, body):
+    response = client.post(HOOK, data=body)
+    assert (response.status_code, response.json) == (
+        400,
+        {"error": "user.id or user.email is required"},
+    )
+
+
+def test_a_number_too_large_for_a_float_refuses_its_webhook_not_the_array(app, client, segment_ok):
+    bad = b'{"type": "opened", "opened_at": 1e400, "user": {"id": "x"}}'
+    good = json.dumps(webhook(user="a")).encode()
+
+    single = post(client, bad)
+    array = post(client, b"[" + good + b", " + bad + b"]")
+
+    assert (single.status_code, single.json) == (
+        400,
+        {"error": "opened_at is a number too large for a float (1e400)"},
+    )
+    assert (array.status_code, array.json) == (
+        200,
+        ok(
+            accepted=1,
+            rejected=[{"index": 1, "error": "opened_at is a number too large for a float (1e400)"}],
+        ),
+    )
+    deliver(app)
+    assert [m["userId"] for m in all_sent(segment_ok)] == ["a"]
