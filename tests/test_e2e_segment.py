@@ -16,19 +16,14 @@ from segment.analytics import Client
 
 from tests.conftest import wait_for
 from tests.direction_a_samples import EXTRAS, every_type, with_credential
+from tests.standin import user_of
 from tests.support import ROOT, Service, sign
-from tests.vero_standin import VeroStandIn, user_of
 
 pytestmark = pytest.mark.e2e
 
 SECRET = "e2e-shared-secret"
 TOKEN = "e2e-vero-token"
 WAIT_SECONDS = 30
-
-
-@pytest.fixture
-def vero(httpserver):
-    return VeroStandIn(httpserver)
 
 
 @pytest.fixture

@@ -18,15 +18,9 @@ from service.runtime import get_runtime
 from tests.conftest import wait_for
 from tests.direction_a_samples import CREATED_AT, EXTRAS, TIMESTAMP, every_type, with_credential
 from tests.support import sign
-from tests.vero_standin import VeroStandIn
 
 SECRET = "segment-shared-secret"
 TOKEN = "vero-auth-token-Zm9vOmJhcg=="
-
-
-@pytest.fixture
-def vero(httpserver):
-    return VeroStandIn(httpserver)
 
 
 @pytest.fixture
