@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: the real service under gunicorn, and signing."""
+"""Helpers shared by the tests: the real service under gunicorn, signing, and
+reading /metrics."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).with_name("gunicorn")
@@ -26,6 +28,23 @@ def free_port() -> int:
 
 def sign(body: bytes, secret: str) -> str:
     return hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
+
+
+def metric(text: str, name: str, **labels: object) -> float | None:
+    """The value of the sample `name` with exactly these labels in Prometheus
+    text (whatever their order), or None when there is no such sample."""
+    wanted = {key: str(value) for key, value in labels.items()}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == wanted:
+                return sample.value
+    return None
+
+
+def scrape(base_url: str) -> str:
+    """A running service's /metrics, for `metric` (where a labelled counter not
+    incremented yet has no sample: None, not 0)."""
+    return requests.get(base_url + "/metrics", timeout=5).text
 
 
 class Service:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import requests
 
-from tests.support import GUNICORN, ROOT, Service
+from tests.support import GUNICORN, ROOT, Service, metric, scrape
 
 pytestmark = pytest.mark.e2e
 
@@ -22,17 +22,24 @@ def test_gunicorn_serves_health_readiness_and_metrics(tmp_path):
         metrics = requests.get(service.url + "/metrics", timeout=5)
         assert metrics.status_code == 200
         assert (
-            'vero_bridge_outbox_items{direction="segment_to_vero",state="pending"} 0.0'
-            in metrics.text
+            metric(
+                metrics.text,
+                "vero_bridge_outbox_items",
+                direction="segment_to_vero",
+                state="pending",
+            )
+            == 0
         )
         # Both directions unconfigured: 503, counted in whichever worker answered.
         for _ in range(4):
             assert requests.post(service.url + "/segment", json={}, timeout=5).status_code == 503
-        metrics = requests.get(service.url + "/metrics", timeout=5).text
-        assert (
-            'vero_bridge_messages_rejected_total{direction="segment_to_vero",reason="not_configured"} 4.0'
-            in metrics
+        rejected = metric(
+            scrape(service.url),
+            "vero_bridge_messages_rejected_total",
+            direction="segment_to_vero",
+            reason="not_configured",
         )
+        assert rejected == 4
     assert service.proc.returncode == 0
     lines = service.logs().splitlines()
     entries = [json.loads(line) for line in lines if line.startswith("{")]

@@ -5,7 +5,6 @@ library using the service as its host."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -17,7 +16,7 @@ from segment.analytics import Client
 from tests.conftest import wait_for
 from tests.direction_a_samples import EXTRAS, every_type, with_credential
 from tests.standin import user_of
-from tests.support import ROOT, Service, sign
+from tests.support import ROOT, Service, metric, scrape, sign
 
 pytestmark = pytest.mark.e2e
 
@@ -40,36 +39,22 @@ def service(vero, tmp_path):
     assert TOKEN not in running.logs() and SECRET not in running.logs()
 
 
-def metric(service, name: str, **labels: str) -> float:
-    """One sample of the service's /metrics, whatever order its labels come in."""
-    text = requests.get(service.url + "/metrics", timeout=5).text
-    for line in text.splitlines():
-        found = re.match(r"^(\w+)\{(.*)\} (\S+)$", line)
-        if (
-            found
-            and found.group(1) == name
-            and dict(re.findall(r'(\w+)="([^"]*)"', found.group(2))) == labels
-        ):
-            return float(found.group(3))
-    return 0.0
-
-
 def settled(service) -> tuple[float, float, float]:
     """(deliveries that succeeded, items pending or in flight, dead items), from
     the service's own metrics, across its gunicorn workers."""
+    text = scrape(service.url)
+
+    def value(name: str, **labels: str) -> float:
+        return metric(text, name, **labels) or 0.0
+
+    items = "vero_bridge_outbox_items"
     return (
-        metric(
-            service,
-            "vero_bridge_deliveries_total",
-            upstream="vero",
-            result="succeeded",
-            status_class="2xx",
+        value(
+            "vero_bridge_deliveries_total", upstream="vero", result="succeeded", status_class="2xx"
         ),
-        metric(service, "vero_bridge_outbox_items", direction="segment_to_vero", state="pending")
-        + metric(
-            service, "vero_bridge_outbox_items", direction="segment_to_vero", state="in_flight"
-        ),
-        metric(service, "vero_bridge_outbox_items", direction="segment_to_vero", state="dead"),
+        value(items, direction="segment_to_vero", state="pending")
+        + value(items, direction="segment_to_vero", state="in_flight"),
+        value(items, direction="segment_to_vero", state="dead"),
     )
 
 

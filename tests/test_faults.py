@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING, open_store
 from tests.conftest import wait_for
 from tests.standin import CONNECTION_RESET, OK, Received, Reply, Upstream
 from tests.standin import DELIVERED as TAKEN
-from tests.support import ROOT, Service, sign
+from tests.support import ROOT, Service, metric, scrape, sign
 
 pytestmark = pytest.mark.e2e
 
@@ -288,16 +287,6 @@ def in_flight(store_url: str, at: float) -> dict[str, int]:
     return {direction: counts.get((direction, IN_FLIGHT), 0) for direction in (A, B)}
 
 
-def metric(base_url: str, name: str, **labels: str) -> float:
-    text = requests.get(base_url + "/metrics", timeout=5).text
-    for line in text.splitlines():
-        series, _, value = line.rpartition(" ")
-        sample, _, label_text = series.partition("{")
-        if sample == name and dict(re.findall(r'(\w+)="([^"]*)"', label_text)) == labels:
-            return float(value)
-    return 0.0
-
-
 # ---------------------------------------------------------------------------
 # Fixtures
 
@@ -392,12 +381,15 @@ def test_nothing_is_lost_while_upstreams_are_down(store_url, upstreams, tmp_path
         for upstream in ("vero", "segment"):
             wait_for(
                 lambda upstream=upstream: (
-                    metric(
-                        service.url,
-                        "vero_bridge_deliveries_total",
-                        upstream=upstream,
-                        result="failed",
-                        status_class="network",
+                    (
+                        metric(
+                            scrape(service.url),
+                            "vero_bridge_deliveries_total",
+                            upstream=upstream,
+                            result="failed",
+                            status_class="network",
+                        )
+                        or 0
                     )
                     >= 2
                 ),
