@@ -3,6 +3,7 @@ reading /metrics."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -27,7 +28,14 @@ def free_port() -> int:
 
 
 def sign(body: bytes, secret: str) -> str:
+    """Segment's X-Signature: the hex HMAC-SHA1 of the body with the secret."""
     return hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
+
+
+def basic_auth(user: str, password: str = "") -> str:
+    """An HTTP Basic Authorization value, as Segment's libraries send a write
+    key (the user name, an empty password)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def metric(text: str, name: str, **labels: object) -> float | None:

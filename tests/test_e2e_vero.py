@@ -2,7 +2,6 @@
 processes, delivery in the web processes, a SQLite outbox) receives Vero
 webhooks over HTTP and delivers them to a stand-in for Segment's HTTP API."""
 
-import base64
 import secrets
 from collections import Counter
 
@@ -10,7 +9,7 @@ import pytest
 import requests
 
 from tests.conftest import wait_for
-from tests.support import Service
+from tests.support import Service, basic_auth
 from tests.test_vero_edge import EVENT_NAMES, EXAMPLE, EXAMPLE_TRACK
 
 pytestmark = pytest.mark.e2e
@@ -99,10 +98,9 @@ def test_webhooks_reach_segment_exactly_once_in_batches_with_the_write_key(segme
     assert others == expected  # each exactly once, and nothing else
     assert len({m["messageId"] for m in messages}) == len(messages)
 
-    basic = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
     for request in segment.snapshot():
         assert (request.method, request.path) == ("POST", "/v1/batch")
-        assert request.headers["Authorization"] == basic
+        assert request.headers["Authorization"] == basic_auth(WRITE_KEY)
     assert all(batch["writeKey"] == WRITE_KEY and batch["sentAt"] for batch in batches)
     assert len(batches) < len(messages)
     [burst_batch] = [b for b in batches if any(m["userId"] == "burst-0" for m in b["batch"])]

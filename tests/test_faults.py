@@ -13,7 +13,6 @@ stand-ins received:
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import signal
@@ -31,7 +30,7 @@ from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING, open_store
 from tests.conftest import wait_for
 from tests.standin import CONNECTION_RESET, OK, Received, Reply, Upstream
 from tests.standin import DELIVERED as TAKEN
-from tests.support import ROOT, Service, metric, scrape, sign
+from tests.support import ROOT, Service, basic_auth, metric, scrape, sign
 
 pytestmark = pytest.mark.e2e
 
@@ -164,10 +163,7 @@ def segment_requests(received: list[Received]) -> list[list[tuple[str, int, str,
     requests = []
     for request in received:
         assert request.path.endswith("/batch")
-        assert (
-            request.headers["Authorization"]
-            == "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
-        )
+        assert request.headers["Authorization"] == basic_auth(WRITE_KEY)
         attempts = []
         for message in request.json["batch"]:
             _, user, seq = message["properties"]["email_id"].split("|")

@@ -4,7 +4,6 @@ time, so every request that reaches "Vero" can be asserted exactly."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import sqlite3
@@ -17,7 +16,7 @@ from service.outbox import DEAD, DELIVERED, PENDING
 from service.runtime import get_runtime
 from tests.conftest import wait_for
 from tests.direction_a_samples import CREATED_AT, EXTRAS, TIMESTAMP, every_type, with_credential
-from tests.support import sign
+from tests.support import basic_auth, sign
 
 SECRET = "segment-shared-secret"
 TOKEN = "vero-auth-token-Zm9vOmJhcg=="
@@ -55,7 +54,7 @@ def post(client, body, path="/segment", headers=None, secret=SECRET):
 
 
 def basic(user, password=""):
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {"Authorization": basic_auth(user, password)}
 
 
 def deliver_all(app, rounds=50):

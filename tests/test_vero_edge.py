@@ -3,7 +3,6 @@ batches out of the outbox. The Flask test client posts the webhooks; delivery
 rounds are run by hand (`run_once`) with the real Segment sender talking to a
 pytest-httpserver stand-in for Segment's HTTP API."""
 
-import base64
 import json
 import time
 from datetime import UTC, datetime
@@ -17,6 +16,7 @@ from service.outbox import DEAD, DELIVERED, PENDING
 from service.runtime import get_runtime
 from service.vero_to_segment.sender import MAX_REQUEST_BYTES
 from tests.conftest import wait_for
+from tests.support import basic_auth
 
 TOKEN = "hook-token-7c1e52"
 WRITE_KEY = "wk_edge_51b2d0"
@@ -176,10 +176,7 @@ def test_the_right_token_is_accepted_and_delivery_sends_the_exact_request(app, c
 
     [request] = sent_requests(segment_ok)
     assert (request.method, request.path) == ("POST", "/v1/batch")
-    assert (
-        request.headers["Authorization"]
-        == "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
-    )
+    assert request.headers["Authorization"] == basic_auth(WRITE_KEY)
     body = json.loads(request.get_data())
     assert set(body) == {"batch", "sentAt", "writeKey"}
     assert body["batch"] == [EXAMPLE_TRACK]
