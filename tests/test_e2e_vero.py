@@ -9,8 +9,8 @@ import pytest
 import requests
 
 from tests.conftest import wait_for
+from tests.direction_b_samples import EVENT_NAMES, EXAMPLE, EXAMPLE_TRACK
 from tests.support import Service, basic_auth
-from tests.test_vero_edge import EVENT_NAMES, EXAMPLE, EXAMPLE_TRACK
 
 pytestmark = pytest.mark.e2e
 

@@ -15,18 +15,10 @@ from service.vero_to_segment.webhooks import (
     load_webhook,
     time_field,
 )
+from tests.direction_b_samples import EXAMPLE
 
-SAMPLE_USER = {"id": "u_42", "email": "someone@example.org"}
-SAMPLE_CAMPAIGN = {
-    "id": 101,
-    "type": "behavioural",
-    "name": "Welcome",
-    "subject": "Hi",
-    "trigger-event": "signed up",
-    "permalink": "https://example.org/view/1",
-    "variation": "A",
-    "channel": "email",
-}
+SAMPLE_USER = EXAMPLE["user"]
+SAMPLE_CAMPAIGN = EXAMPLE["campaign"]
 
 
 def webhook(event_type, **extra):
@@ -73,18 +65,10 @@ def test_each_type_rejects_a_time_that_is_not_unix_seconds(event_type):
 
 
 def test_the_documented_example_loads_unchanged_apart_from_normalised_ids():
-    example = {
-        "type": "opened",
-        "opened_at": 1700000000,
-        "user_agent": "Mozilla/5.0",
-        "user": {"id": "u_42", "email": "someone@example.org"},
-        "campaign": dict(SAMPLE_CAMPAIGN),
-        "message_id": "abc123@mail.example",
-    }
-    loaded = load_webhook(example)
+    loaded = load_webhook(EXAMPLE)
     expected_campaign = {k: v for k, v in SAMPLE_CAMPAIGN.items() if k != "trigger-event"}
     expected_campaign.update({"trigger_event": "signed up"})
-    assert loaded == {**example, "campaign": expected_campaign}
+    assert loaded == {**EXAMPLE, "campaign": expected_campaign}
 
 
 @pytest.mark.parametrize(
