@@ -3,6 +3,7 @@ the environment SERVICE.md names."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -52,9 +53,20 @@ def test_gunicorn_serves_health_readiness_and_metrics(tmp_path):
 
 def test_the_default_store_is_a_sqlite_file_in_the_instance_folder(tmp_path):
     instance = ROOT / "instance" / "vero-bridge.db"
-    with Service({}, tmp_path / "log") as service:
-        assert requests.get(service.url + "/readyz", timeout=5).status_code == 200
-    assert instance.exists()
+    # A file left by an earlier run would pass the check without this run's
+    # service having made it: set such files aside, and put them back after.
+    earlier = sorted(instance.parent.glob(instance.name + "*"))
+    for path in earlier:
+        shutil.move(path, tmp_path / path.name)
+    try:
+        with Service({}, tmp_path / "log") as service:
+            assert requests.get(service.url + "/readyz", timeout=5).status_code == 200
+        assert instance.exists()
+    finally:
+        for path in instance.parent.glob(instance.name + "*"):
+            path.unlink()
+        for path in earlier:
+            shutil.move(tmp_path / path.name, path)
 
 
 def test_readyz_is_503_with_the_reason_when_the_store_cannot_be_written(tmp_path):
