@@ -5,18 +5,16 @@ import pytest
 from marshmallow import ValidationError
 
 from service.vero_to_segment.webhooks import (
-    EMAIL_EVENT_TYPES,
-    EVENT_TYPES,
     MAX_UNIX_SECONDS,
-    SCHEMAS,
-    USER_EVENT_TYPES,
     describe_errors,
     load_event_type,
     load_webhook,
     time_field,
 )
-from tests.direction_b_samples import EXAMPLE
+from tests.direction_b_samples import EVENT_NAMES, EXAMPLE
 
+# MAPPING.md B.1: the email events forwarded, and the user events acknowledged.
+DOCUMENTED_TYPES = [*EVENT_NAMES, "user_created", "user_updated"]
 SAMPLE_USER = EXAMPLE["user"]
 SAMPLE_CAMPAIGN = EXAMPLE["campaign"]
 
@@ -39,14 +37,7 @@ def errors_of(payload):
     return describe_errors(caught.value.messages)
 
 
-def test_every_documented_event_type_has_a_schema():
-    assert set(SCHEMAS) == set(EVENT_TYPES)
-    assert len(EVENT_TYPES) == 12
-    assert set(USER_EVENT_TYPES) == {"user_created", "user_updated"}
-    assert not set(USER_EVENT_TYPES) & set(EMAIL_EVENT_TYPES)
-
-
-@pytest.mark.parametrize("event_type", EVENT_TYPES)
+@pytest.mark.parametrize("event_type", DOCUMENTED_TYPES)
 def test_each_type_loads_its_sample_with_its_own_time_field(event_type):
     loaded = load_webhook(webhook(event_type))
     assert loaded["type"] == event_type
@@ -58,7 +49,7 @@ def test_each_type_loads_its_sample_with_its_own_time_field(event_type):
     assert loaded["campaign"]["id"] == 101  # copied into properties as given
 
 
-@pytest.mark.parametrize("event_type", EVENT_TYPES)
+@pytest.mark.parametrize("event_type", DOCUMENTED_TYPES)
 def test_each_type_rejects_a_time_that_is_not_unix_seconds(event_type):
     payload = webhook(event_type, **{f"{event_type}_at": "2023-11-14"})
     assert errors_of(payload) == f"{event_type}_at: must be a Unix time in seconds"
