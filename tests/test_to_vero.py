@@ -20,7 +20,6 @@ from tests.support import sign
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "segment-vero"
 RECEIVED_AT = 1700000000.75  # whole seconds: 1700000000
 CREATED_2014 = 1388534400  # "2014" = 2014-01-01T00:00:00Z
-EXTRAS_2014 = {"created_at": CREATED_2014, "source": "segment"}
 
 
 def map_(message, allow_anonymous=False):
