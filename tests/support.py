@@ -57,7 +57,12 @@ def scrape(base_url: str) -> str:
 
 class Service:
     """The real app under gunicorn, started from the repository root exactly as
-    the Procfile does, with only the environment given (plus PATH)."""
+    the Procfile does, with only the environment given (plus PATH).
+
+    Stopping is gunicorn's graceful stop, which keeps a kept-alive client
+    connection open for up to 2 s: a test that still holds a `requests`
+    response (its pool holds the connection) or a client library's session
+    when the service stops waits that long for nothing."""
 
     def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()):
         self.port = free_port()
