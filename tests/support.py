@@ -117,7 +117,11 @@ class Service:
             self.proc.wait(10)
 
     def __enter__(self) -> Service:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.__exit__()  # a service that failed to start leaves nothing behind
+            raise
 
     def __exit__(self, *exc) -> None:
         try:
