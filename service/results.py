@@ -6,7 +6,7 @@ Both directions' mapping functions return exactly one of these, and the intake
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -37,7 +37,7 @@ class Reject:
     shown to the caller; `code` is a short, bounded label for metrics."""
 
     error: str
-    code: str = field(default="invalid")
+    code: str
 
 
 Result = Accept | Skip | Reject

@@ -11,6 +11,7 @@ from service.app import create_app
 from service.config import Config
 from service.outbox import open_store
 from service.runtime import get_runtime
+from tests.standin import SEGMENT_BASE_PATH, VERO_BASE_PATH, Upstream
 
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -104,6 +105,24 @@ def make_app(sqlite_url):
     for app in apps:
         get_runtime(app).stop_delivery(timeout=5)
         get_runtime(app).store.close()
+
+
+@pytest.fixture
+def vero():
+    """A stand-in Vero API on a loopback port (VERO_API_URL = `vero.url`)."""
+    yield from _serving(Upstream(base_path=VERO_BASE_PATH))
+
+
+@pytest.fixture
+def segment():
+    """A stand-in Segment HTTP API on a loopback port (SEGMENT_API_URL = `segment.url`)."""
+    yield from _serving(Upstream(base_path=SEGMENT_BASE_PATH))
+
+
+def _serving(upstream: Upstream):
+    yield upstream.start()
+    upstream.release()  # nothing held outlives the test
+    upstream.stop()
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):

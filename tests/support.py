@@ -1,7 +1,9 @@
-"""Helpers shared by the tests: the real service under gunicorn, and signing."""
+"""Helpers shared by the tests: the real service under gunicorn, signing, and
+reading /metrics."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).with_name("gunicorn")
@@ -25,12 +28,41 @@ def free_port() -> int:
 
 
 def sign(body: bytes, secret: str) -> str:
+    """Segment's X-Signature: the hex HMAC-SHA1 of the body with the secret."""
     return hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
+
+
+def basic_auth(user: str, password: str = "") -> str:
+    """An HTTP Basic Authorization value, as Segment's libraries send a write
+    key (the user name, an empty password)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def metric(text: str, name: str, **labels: object) -> float | None:
+    """The value of the sample `name` with exactly these labels in Prometheus
+    text (whatever their order), or None when there is no such sample."""
+    wanted = {key: str(value) for key, value in labels.items()}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == wanted:
+                return sample.value
+    return None
+
+
+def scrape(base_url: str) -> str:
+    """A running service's /metrics, for `metric` (where a labelled counter not
+    incremented yet has no sample: None, not 0)."""
+    return requests.get(base_url + "/metrics", timeout=5).text
 
 
 class Service:
     """The real app under gunicorn, started from the repository root exactly as
-    the Procfile does, with only the environment given (plus PATH)."""
+    the Procfile does, with only the environment given (plus PATH).
+
+    Stopping is gunicorn's graceful stop, which keeps a kept-alive client
+    connection open for up to 2 s: a test that still holds a `requests`
+    response (its pool holds the connection) or a client library's session
+    when the service stops waits that long for nothing."""
 
     def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()):
         self.port = free_port()
@@ -85,7 +117,11 @@ class Service:
             self.proc.wait(10)
 
     def __enter__(self) -> Service:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.__exit__()  # a service that failed to start leaves nothing behind
+            raise
 
     def __exit__(self, *exc) -> None:
         try:

@@ -9,7 +9,6 @@ items that request stored.
 
 from __future__ import annotations
 
-import base64
 import gzip
 import io
 import json
@@ -32,7 +31,7 @@ from service.vero_to_segment.mapping import (
     event_names_with,
     map_webhook,
 )
-from tests.support import sign
+from tests.support import basic_auth, sign
 
 SHARED_SECRET = "bad-input-shared-secret"
 WEBHOOK_TOKEN = "bad-input-webhook-token"
@@ -374,7 +373,6 @@ _segment_routes = st.sampled_from(
         "/v1/batch",
     ]
 )
-_basic = lambda user: "Basic " + base64.b64encode(user.encode()).decode()  # noqa: E731
 _authorizations = st.sampled_from(
     ["basic", "signature", "signature", "none", "wrong basic", "wrong signature", "garbage"]
 )
@@ -382,11 +380,11 @@ _authorizations = st.sampled_from(
 
 def _segment_headers(how: str, body: bytes, noise: str) -> dict[str, str]:
     if how == "basic":
-        return {"Authorization": _basic(SHARED_SECRET + ":")}
+        return {"Authorization": basic_auth(SHARED_SECRET)}
     if how == "signature":
         return {"X-Signature": sign(body, SHARED_SECRET)}
     if how == "wrong basic":
-        return {"Authorization": _basic(SHARED_SECRET[:-1] + ":" + SHARED_SECRET)}
+        return {"Authorization": basic_auth(SHARED_SECRET[:-1], SHARED_SECRET)}
     if how == "wrong signature":
         return {"X-Signature": sign(body, SHARED_SECRET + "x")}
     if how == "garbage":
@@ -547,7 +545,7 @@ def _credential_headers(how: str, value, text: bytes) -> tuple[bytes, dict[str, 
                 key = "other"
             text = json.dumps({**value, "writeKey": key}).encode()
         if how in ("writeKey and basic", "writeKey disagreeing with basic"):
-            headers["Authorization"] = _basic(SHARED_SECRET + ":")
+            headers["Authorization"] = basic_auth(SHARED_SECRET)
     elif how == "bearer":
         headers["Authorization"] = f"Bearer {SHARED_SECRET}"
     elif how == "wrong bearer":

@@ -37,8 +37,8 @@ import requests
 from segment.analytics import Client as SegmentClient
 
 from tests.conftest import wait_for
+from tests.standin import VERO_BASE_PATH, Upstream
 from tests.support import Service
-from tests.vero_standin import VeroStandIn
 
 pytestmark = pytest.mark.e2e
 
@@ -50,20 +50,11 @@ NODE_CACHE = Path(sys.prefix) / "node-clients"
 
 
 @pytest.fixture(scope="module")
-def vero_server():
-    from pytest_httpserver import HTTPServer
-
-    server = HTTPServer(host="127.0.0.1", port=0)
-    server.start()
-    yield server
-    server.clear()
-    if server.is_running():
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def vero(vero_server):
-    return VeroStandIn(vero_server)
+def vero():
+    """One stand-in Vero for the module's service (the conftest one is per test)."""
+    upstream = Upstream(base_path=VERO_BASE_PATH).start()
+    yield upstream
+    upstream.stop()
 
 
 @pytest.fixture(scope="module")

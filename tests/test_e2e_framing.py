@@ -22,18 +22,12 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.support import Service
-from tests.vero_standin import VeroStandIn
 
 pytestmark = pytest.mark.e2e
 
 SECRET = "framing-shared-secret"
 LIMIT = 8192
 AUTH = "Basic " + base64.b64encode(f"{SECRET}:".encode()).decode()
-
-
-@pytest.fixture
-def vero(httpserver):
-    return VeroStandIn(httpserver)
 
 
 @pytest.fixture

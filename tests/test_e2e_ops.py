@@ -3,13 +3,14 @@ the environment SERVICE.md names."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import requests
 
-from tests.support import GUNICORN, ROOT, Service
+from tests.support import GUNICORN, ROOT, Service, metric, scrape
 
 pytestmark = pytest.mark.e2e
 
@@ -19,20 +20,24 @@ def test_gunicorn_serves_health_readiness_and_metrics(tmp_path):
     with Service(env, tmp_path / "log") as service:
         assert requests.get(service.url + "/healthz", timeout=5).json() == {"status": "ok"}
         assert requests.get(service.url + "/readyz", timeout=5).json() == {"status": "ready"}
-        metrics = requests.get(service.url + "/metrics", timeout=5)
-        assert metrics.status_code == 200
-        assert (
-            'vero_bridge_outbox_items{direction="segment_to_vero",state="pending"} 0.0'
-            in metrics.text
+        assert requests.get(service.url + "/metrics", timeout=5).status_code == 200
+        pending = metric(
+            scrape(service.url),
+            "vero_bridge_outbox_items",
+            direction="segment_to_vero",
+            state="pending",
         )
+        assert pending == 0
         # Both directions unconfigured: 503, counted in whichever worker answered.
         for _ in range(4):
             assert requests.post(service.url + "/segment", json={}, timeout=5).status_code == 503
-        metrics = requests.get(service.url + "/metrics", timeout=5).text
-        assert (
-            'vero_bridge_messages_rejected_total{direction="segment_to_vero",reason="not_configured"} 4.0'
-            in metrics
+        rejected = metric(
+            scrape(service.url),
+            "vero_bridge_messages_rejected_total",
+            direction="segment_to_vero",
+            reason="not_configured",
         )
+        assert rejected == 4
     assert service.proc.returncode == 0
     lines = service.logs().splitlines()
     entries = [json.loads(line) for line in lines if line.startswith("{")]
@@ -45,9 +50,20 @@ def test_gunicorn_serves_health_readiness_and_metrics(tmp_path):
 
 def test_the_default_store_is_a_sqlite_file_in_the_instance_folder(tmp_path):
     instance = ROOT / "instance" / "vero-bridge.db"
-    with Service({}, tmp_path / "log") as service:
-        assert requests.get(service.url + "/readyz", timeout=5).status_code == 200
-    assert instance.exists()
+    # A file left by an earlier run would pass the check without this run's
+    # service having made it: set such files aside, and put them back after.
+    earlier = sorted(instance.parent.glob(instance.name + "*"))
+    for path in earlier:
+        shutil.move(path, tmp_path / path.name)
+    try:
+        with Service({}, tmp_path / "log") as service:
+            assert requests.get(service.url + "/readyz", timeout=5).status_code == 200
+        assert instance.exists()
+    finally:
+        for path in instance.parent.glob(instance.name + "*"):
+            path.unlink()
+        for path in earlier:
+            shutil.move(tmp_path / path.name, path)
 
 
 def test_readyz_is_503_with_the_reason_when_the_store_cannot_be_written(tmp_path):

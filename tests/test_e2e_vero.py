@@ -1,10 +1,7 @@
 """Direction B end to end: the real service under gunicorn (several worker
 processes, delivery in the web processes, a SQLite outbox) receives Vero
-webhooks over HTTP and delivers them to a pytest-httpserver stand-in for
-Segment's HTTP API."""
+webhooks over HTTP and delivers them to a stand-in for Segment's HTTP API."""
 
-import base64
-import json
 import secrets
 from collections import Counter
 
@@ -12,8 +9,8 @@ import pytest
 import requests
 
 from tests.conftest import wait_for
-from tests.support import Service
-from tests.test_vero_edge import EVENT_NAMES, EXAMPLE, EXAMPLE_TRACK
+from tests.direction_b_samples import EVENT_NAMES, EXAMPLE, EXAMPLE_TRACK
+from tests.support import Service, basic_auth
 
 pytestmark = pytest.mark.e2e
 
@@ -31,12 +28,11 @@ def webhook(event_type: str, user: str, n: int) -> dict:
     }
 
 
-def test_webhooks_reach_segment_exactly_once_in_batches_with_the_write_key(httpserver, tmp_path):
-    httpserver.expect_request("/v1/batch", method="POST").respond_with_json({"success": True})
+def test_webhooks_reach_segment_exactly_once_in_batches_with_the_write_key(segment, tmp_path):
     token = "e2e-hook-" + secrets.token_hex(12)
     env = {
         "SEGMENT_WRITE_KEY": WRITE_KEY,
-        "SEGMENT_API_URL": httpserver.url_for("/v1"),
+        "SEGMENT_API_URL": segment.url,
         "VERO_WEBHOOK_TOKEN": token,
         "DATABASE_URL": f"sqlite:///{tmp_path}/outbox.db",
         "WEB_CONCURRENCY": "2",
@@ -85,14 +81,14 @@ def test_webhooks_reach_segment_exactly_once_in_batches_with_the_write_key(https
         total = sum(expected.values()) + 1  # and the example
 
         def received() -> int:
-            return sum(len(json.loads(r.get_data())["batch"]) for r, _ in list(httpserver.log))
+            return sum(len(request.json["batch"]) for request in segment.snapshot())
 
         wait_for(lambda: received() >= total, timeout=30)
         # A graceful stop lets anything still in flight finish, so the stand-in's
         # log below is everything the service will ever have sent.
     assert service.proc.returncode == 0
 
-    batches = [json.loads(request.get_data()) for request, _ in httpserver.log]
+    batches = [request.json for request in segment.snapshot()]
     messages = [message for batch in batches for message in batch["batch"]]
     example = [m for m in messages if m.get("userId") == EXAMPLE["user"]["id"]]
     assert example == [EXAMPLE_TRACK]
@@ -102,10 +98,9 @@ def test_webhooks_reach_segment_exactly_once_in_batches_with_the_write_key(https
     assert others == expected  # each exactly once, and nothing else
     assert len({m["messageId"] for m in messages}) == len(messages)
 
-    basic = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
-    for request, _ in httpserver.log:
+    for request in segment.snapshot():
         assert (request.method, request.path) == ("POST", "/v1/batch")
-        assert request.headers["Authorization"] == basic
+        assert request.headers["Authorization"] == basic_auth(WRITE_KEY)
     assert all(batch["writeKey"] == WRITE_KEY and batch["sentAt"] for batch in batches)
     assert len(batches) < len(messages)
     [burst_batch] = [b for b in batches if any(m["userId"] == "burst-0" for m in b["batch"])]

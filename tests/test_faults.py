@@ -13,10 +13,8 @@ stand-ins received:
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -32,7 +30,7 @@ from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING, open_store
 from tests.conftest import wait_for
 from tests.standin import CONNECTION_RESET, OK, Received, Reply, Upstream
 from tests.standin import DELIVERED as TAKEN
-from tests.support import ROOT, Service, sign
+from tests.support import ROOT, Service, basic_auth, metric, scrape, sign
 
 pytestmark = pytest.mark.e2e
 
@@ -168,10 +166,7 @@ def segment_requests(received: list[Received]) -> list[list[tuple[str, int, str,
     requests = []
     for request in received:
         assert request.path.endswith("/batch")
-        assert (
-            request.headers["Authorization"]
-            == "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
-        )
+        assert request.headers["Authorization"] == basic_auth(WRITE_KEY)
         attempts = []
         for message in request.json["batch"]:
             _, user, seq = message["properties"]["email_id"].split("|")
@@ -291,16 +286,6 @@ def in_flight(store_url: str, at: float) -> dict[str, int]:
     return {direction: counts.get((direction, IN_FLIGHT), 0) for direction in (A, B)}
 
 
-def metric(base_url: str, name: str, **labels: str) -> float:
-    text = requests.get(base_url + "/metrics", timeout=5).text
-    for line in text.splitlines():
-        series, _, value = line.rpartition(" ")
-        sample, _, label_text = series.partition("{")
-        if sample == name and dict(re.findall(r'(\w+)="([^"]*)"', label_text)) == labels:
-            return float(value)
-    return 0.0
-
-
 # ---------------------------------------------------------------------------
 # Fixtures
 
@@ -334,19 +319,6 @@ def service_env(store_url: str, vero_url: str, segment_url: str, **overrides: st
     return env
 
 
-@contextlib.contextmanager
-def running(service: Service):
-    """Start the service; on the way out stop it, and kill it should that fail."""
-    try:
-        yield service.start()
-    finally:
-        try:
-            service.stop()
-        finally:
-            service.kill()
-            service._log.close()
-
-
 # ---------------------------------------------------------------------------
 # (a) upstreams failing a share of calls
 
@@ -369,7 +341,7 @@ def test_nothing_is_lost_when_upstreams_fail_a_share_of_calls(store_url, upstrea
     vero.reply = segment.reply = every_third_call_fails
     run = uuid.uuid4().hex[:8]
     env = service_env(store_url, vero.url, segment.url)
-    with running(Service(env, tmp_path / "service.log")) as service:
+    with Service(env, tmp_path / "service.log") as service:
         post_both(service.url, run, 0, 8)
         wait_until_delivered(store_url, vero, segment, expected(0, 8))
     check_all(vero, segment, expected(0, 8))
@@ -386,7 +358,7 @@ def test_nothing_is_lost_while_upstreams_are_down(store_url, upstreams, tmp_path
     vero, segment = upstreams
     run = uuid.uuid4().hex[:8]
     env = service_env(store_url, vero.url, segment.url)
-    with running(Service(env, tmp_path / "service.log")) as service:
+    with Service(env, tmp_path / "service.log") as service:
         post_both(service.url, run, 0, 3)
         vero.stop()
         segment.stop()
@@ -395,12 +367,15 @@ def test_nothing_is_lost_while_upstreams_are_down(store_url, upstreams, tmp_path
         for upstream in ("vero", "segment"):
             wait_for(
                 lambda upstream=upstream: (
-                    metric(
-                        service.url,
-                        "vero_bridge_deliveries_total",
-                        upstream=upstream,
-                        result="failed",
-                        status_class="network",
+                    (
+                        metric(
+                            scrape(service.url),
+                            "vero_bridge_deliveries_total",
+                            upstream=upstream,
+                            result="failed",
+                            status_class="network",
+                        )
+                        or 0
                     )
                     >= 2
                 ),
@@ -426,7 +401,7 @@ def test_a_service_killed_mid_delivery_loses_nothing_and_repeats_only_work_in_fl
     # that nothing is claimed twice between the hold and the kill.
     env = service_env(store_url, vero.url, segment.url, OUTBOX_LEASE_SECONDS="3")
     first = Service(env, tmp_path / "first.log")
-    with running(first):
+    with first:
         post_both(first.url, run, 0, 3)
         vero.hold()
         segment.hold()
@@ -443,7 +418,7 @@ def test_a_service_killed_mid_delivery_loses_nothing_and_repeats_only_work_in_fl
     vero.release()
     segment.release()
 
-    with running(Service(env, tmp_path / "second.log")):
+    with Service(env, tmp_path / "second.log"):
         wait_until_delivered(store_url, vero, segment, expected(0, 8))
     extra_a, extra_b = check_all(vero, segment, expected(0, 8), (flying[A], flying[B]))
     # Unconfirmed work is sent again: every held call was repeated, and
@@ -475,11 +450,11 @@ def test_two_instances_and_a_worker_share_postgres_and_the_worker_stops_graceful
     from_worker = lambda request: request.path.startswith("/worker/")  # noqa: E731
 
     with (
-        running(Service(answer_only, tmp_path / "answer-only.log")) as two,
+        Service(answer_only, tmp_path / "answer-only.log") as two,
         worker_process(worker_env, tmp_path / "worker.log") as worker,
     ):
         # Both delivering processes at work on one outbox, fed by both instances.
-        with running(Service(web, tmp_path / "web.log")) as one:
+        with Service(web, tmp_path / "web.log") as one:
             post_both(one.url, run, 0, 1)
             post_both(two.url, run, 1, 1)
             post_both(one.url, run, 2, 1)
@@ -500,7 +475,7 @@ def test_two_instances_and_a_worker_share_postgres_and_the_worker_stops_graceful
         segment.release()
         assert worker.wait(WORKER_EXIT_TIMEOUT) == 0
         # What the worker handed back, the instance delivers when it returns.
-        with running(Service(web, tmp_path / "web-again.log")) as one:
+        with Service(web, tmp_path / "web-again.log") as one:
             post_both(one.url, run, 7, 1)
             post_both(two.url, run, 8, 1)
             wait_until_delivered(postgres_url, vero, segment, expected(0, 9))

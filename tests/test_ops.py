@@ -1,11 +1,11 @@
 import json
 import os
-import re
 import time
 
 from service.outbox import open_store
 from service.results import Accept
 from service.runtime import get_runtime
+from tests.support import metric
 
 
 def test_healthz_answers_while_the_process_serves(make_app):
@@ -63,20 +63,6 @@ def test_unknown_routes_and_methods_answer_json(make_app):
         {"error": "not found"},
     )
     assert client.get("/segment").status_code == 405
-
-
-def metric(text: str, name: str, **labels) -> float | None:
-    """The value of one sample in Prometheus text, whatever the label order."""
-    wanted = {key: str(value) for key, value in labels.items()}
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        series, value = line.rsplit(" ", 1)
-        sample, _, label_text = series.partition("{")
-        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
-        if sample == name and found == wanted:
-            return float(value)
-    return None
 
 
 def test_metrics_expose_counters_and_outbox_gauges_from_the_store(make_app, sqlite_url):

@@ -2,7 +2,6 @@
 requests it makes, and how each answer becomes an outcome. Real HTTP against a
 pytest-httpserver stand-in for Segment; items are made by hand, no store."""
 
-import base64
 import json
 import logging
 import threading
@@ -28,6 +27,7 @@ from service.vero_to_segment.sender import (
     retry_after_seconds,
     sent_at,
 )
+from tests.support import basic_auth
 
 WRITE_KEY = "wk_test_3f9a1c"
 
@@ -210,10 +210,7 @@ def test_one_request_to_batch_with_basic_auth_the_write_key_and_sent_at(httpserv
     assert kinds(outcomes) == [SUCCEEDED] * 3
     [request] = requests_seen(httpserver)
     assert request.path == "/v1/batch"
-    assert (
-        request.headers["Authorization"]
-        == "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
-    )
+    assert request.headers["Authorization"] == basic_auth(WRITE_KEY)
     assert request.headers["Content-Type"] == "application/json"
     body = json.loads(request.get_data())
     assert body["batch"] == [message(0), message(1), message(2)]

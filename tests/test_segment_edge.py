@@ -4,7 +4,6 @@ time, so every request that reaches "Vero" can be asserted exactly."""
 
 from __future__ import annotations
 
-import base64
 import gzip
 import io
 import json
@@ -21,16 +20,10 @@ from service.outbox import DEAD, DELIVERED, PENDING
 from service.runtime import get_runtime
 from tests.conftest import wait_for
 from tests.direction_a_samples import CREATED_AT, EXTRAS, TIMESTAMP, every_type, with_credential
-from tests.support import sign
-from tests.vero_standin import VeroStandIn
+from tests.support import basic_auth, sign
 
 SECRET = "segment-shared-secret"
 TOKEN = "vero-auth-token-Zm9vOmJhcg=="
-
-
-@pytest.fixture
-def vero(httpserver):
-    return VeroStandIn(httpserver)
 
 
 @pytest.fixture
@@ -76,7 +69,7 @@ def created_at(timestamp: str) -> int:
 
 
 def basic(user, password=""):
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {"Authorization": basic_auth(user, password)}
 
 
 def bearer(token):

@@ -10,14 +10,6 @@ import pytest
 from marshmallow import ValidationError
 
 from service.messages import (
-    MESSAGE_TYPES,
-    SCHEMAS,
-    AliasSchema,
-    DeleteSchema,
-    GroupSchema,
-    IdentifySchema,
-    PageSchema,
-    ScreenSchema,
     TrackSchema,
     error_sentence,
     format_timestamp,
@@ -30,19 +22,6 @@ FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "segmen
 
 def fixture_input(name: str) -> dict:
     return json.loads((FIXTURES / name).read_text())["input"]
-
-
-def test_there_is_one_schema_per_message_type():
-    assert {
-        "identify": IdentifySchema,
-        "track": TrackSchema,
-        "page": PageSchema,
-        "screen": ScreenSchema,
-        "group": GroupSchema,
-        "alias": AliasSchema,
-        "delete": DeleteSchema,
-    } == SCHEMAS
-    assert tuple(SCHEMAS) == MESSAGE_TYPES
 
 
 @pytest.mark.parametrize(

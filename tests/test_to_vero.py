@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import hmac
 import json
 from pathlib import Path
 
@@ -18,11 +17,11 @@ from blueprints.segment import signature_ok, split_body
 from service.jsonbody import Messages
 from service.results import Accept, Reject, Skip
 from service.segment_to_vero.mapping import looks_like_email, map_message
+from tests.support import sign
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "segment-vero"
 RECEIVED_AT = 1700000000.75  # whole seconds: 1700000000
 CREATED_2014 = 1388534400  # "2014" = 2014-01-01T00:00:00Z
-EXTRAS_2014 = {"created_at": CREATED_2014, "source": "segment"}
 
 
 def map_(message, allow_anonymous=False):
@@ -94,13 +93,6 @@ def test_fixture_group_basic_goes_to_users_track_as_data_group():
 def test_fixture_group_without_user_id_is_rejected():
     case = fixture("group-no-userid.json")
     assert map_(case["input"]) == Reject("userId is required", "userId")
-
-
-def test_bodies_never_carry_a_credential():
-    for path in sorted(FIXTURES.glob("*.json")):
-        result = map_(fixture(path.name)["input"])
-        text = json.dumps(result.payload if isinstance(result, Accept) else {})
-        assert "auth_token" not in text and "tracking_api_key" not in text
 
 
 # --------------------------------------------------------------------------
@@ -1123,30 +1115,26 @@ def test_split_body_then_map_message_gives_per_item_outcomes():
 SECRET = "s3cret"
 
 
-def sign(data: bytes, secret: str = SECRET) -> str:
-    return hmac.new(secret.encode(), data, hashlib.sha1).hexdigest()
-
-
 def test_a_single_message_body_is_signed_whole():
     body = b'{"type": "track", "userId": "u1", "event": "e"}'
-    assert signature_ok(body, sign(body), [SECRET]) is True
-    assert signature_ok(body, sign(body).upper(), [SECRET]) is True
+    assert signature_ok(body, sign(body, SECRET), [SECRET]) is True
+    assert signature_ok(body, sign(body, SECRET).upper(), [SECRET]) is True
     assert signature_ok(body, sign(body, "other"), [SECRET]) is False
-    assert signature_ok(body + b" ", sign(body), [SECRET]) is False
+    assert signature_ok(body + b" ", sign(body, SECRET), [SECRET]) is False
 
 
 def test_an_array_body_is_signed_by_its_first_element_as_written():
     first = '{"type": "track", "userId": "u1", "properties": {"list": [1, 2], "s": "caf\\u00e9 ]"}, "n": "é"}'
     body = ("\n [ \t" + first + " ,\n" + '{"type": "page"}]').encode("utf-8")
-    assert signature_ok(body, sign(first.encode("utf-8")), [SECRET]) is True
+    assert signature_ok(body, sign(first.encode("utf-8"), SECRET), [SECRET]) is True
     reserialised = json.dumps(json.loads(first)).encode()
-    assert signature_ok(body, sign(reserialised), [SECRET]) is False
-    assert signature_ok(body, sign(b'{"type": "page"}'), [SECRET]) is False
+    assert signature_ok(body, sign(reserialised, SECRET), [SECRET]) is False
+    assert signature_ok(body, sign(b'{"type": "page"}', SECRET), [SECRET]) is False
 
 
 def test_an_array_body_signed_whole_is_accepted_too():
     body = b'[{"type": "track"}]'
-    assert signature_ok(body, sign(body), [SECRET]) is True
+    assert signature_ok(body, sign(body, SECRET), [SECRET]) is True
 
 
 @pytest.mark.parametrize(
@@ -1155,10 +1143,10 @@ def test_an_array_body_signed_whole_is_accepted_too():
         (b"{}", None, SECRET),
         (b"{}", "", SECRET),
         (b"{}", sign(b"{}", ""), ""),
-        (b"{}", sign(b"{}"), None),
+        (b"{}", sign(b"{}", SECRET), None),
         (b"{}", "zz\u00e9", SECRET),
-        (b"[", sign(b"["), "other"),
-        (b"\xff[{}]", sign(b"{}"), SECRET),
+        (b"[", sign(b"[", SECRET), "other"),
+        (b"\xff[{}]", sign(b"{}", SECRET), SECRET),
     ],
 )
 def test_a_missing_or_wrong_signature_fails(body, header, secret):
@@ -1167,7 +1155,7 @@ def test_a_missing_or_wrong_signature_fails(body, header, secret):
 
 def test_a_malformed_array_body_can_still_be_checked_whole():
     body = b'[{"type": '
-    assert signature_ok(body, sign(body), [SECRET]) is True
+    assert signature_ok(body, sign(body, SECRET), [SECRET]) is True
 
 
 def test_a_credential_must_be_one_of_the_secrets_exactly():

@@ -3,7 +3,6 @@ batches out of the outbox. The Flask test client posts the webhooks; delivery
 rounds are run by hand (`run_once`) with the real Segment sender talking to a
 pytest-httpserver stand-in for Segment's HTTP API."""
 
-import base64
 import gzip
 import json
 import time
@@ -18,68 +17,12 @@ from service.outbox import DEAD, DELIVERED, PENDING
 from service.runtime import get_runtime
 from service.vero_to_segment.sender import MAX_REQUEST_BYTES
 from tests.conftest import wait_for
+from tests.direction_b_samples import EVENT_NAMES, EXAMPLE, EXAMPLE_TRACK, LIBRARY
+from tests.support import basic_auth
 
 TOKEN = "hook-token-7c1e52"
 WRITE_KEY = "wk_edge_51b2d0"
 HOOK = f"/vero/webhooks/{TOKEN}"
-VERSION = {"name": "vero-bridge", "version": "0.1.0"}
-
-# The example webhook of API-FACTS.md.
-EXAMPLE = {
-    "type": "opened",
-    "opened_at": 1700000000,
-    "user_agent": "Mozilla/5.0",
-    "user": {"id": "u_42", "email": "someone@example.org"},
-    "campaign": {
-        "id": 101,
-        "type": "behavioural",
-        "name": "Welcome",
-        "subject": "Hi",
-        "trigger-event": "signed up",
-        "permalink": "https://example.org/view/1",
-        "variation": "A",
-        "channel": "email",
-    },
-    "message_id": "abc123@mail.example",
-}
-# What Segment must receive for it (the id is pinned in test_to_segment.py too).
-EXAMPLE_TRACK = {
-    "type": "track",
-    "event": "Email Opened",
-    "userId": "u_42",
-    "timestamp": "2023-11-14T22:13:20.000Z",
-    "messageId": "vero-56a7fc0d28b634493790662f32401ed7578c16c7703b8edda8e0288aac70531f",
-    "properties": {
-        "email_id": "abc123@mail.example",
-        "email_subject": "Hi",
-        "campaign_id": 101,
-        "campaign_name": "Welcome",
-        "campaign_type": "behavioural",
-        "campaign_variation": "A",
-        "campaign_permalink": "https://example.org/view/1",
-        "campaign_trigger_event": "signed up",
-        "channel": "email",
-    },
-    "context": {
-        "traits": {"email": "someone@example.org"},
-        "userAgent": "Mozilla/5.0",
-        "integration": {"name": "vero", "version": VERSION["version"]},
-        "library": VERSION,
-    },
-}
-
-EVENT_NAMES = {
-    "sent": "Email Sent",
-    "delivered": "Email Delivered",
-    "opened": "Email Opened",
-    "clicked": "Email Link Clicked",
-    "bounced": "Email Bounced",
-    "unsubscribed": "Email Unsubscribed",
-    "complained": "Email Marked as Spam",
-    "converted": "Email Converted",
-    "failed": "Email Failed",
-    "resubscribed": "Email Resubscribed",
-}
 
 
 def webhook(event_type: str = "opened", user: str = "u_1", at: int = 1700000000, **extra) -> dict:
@@ -177,10 +120,7 @@ def test_the_right_token_is_accepted_and_delivery_sends_the_exact_request(app, c
 
     [request] = sent_requests(segment_ok)
     assert (request.method, request.path) == ("POST", "/v1/batch")
-    assert (
-        request.headers["Authorization"]
-        == "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
-    )
+    assert request.headers["Authorization"] == basic_auth(WRITE_KEY)
     body = json.loads(request.get_data())
     assert set(body) == {"batch", "sentAt", "writeKey"}
     assert body["batch"] == [EXAMPLE_TRACK]
@@ -300,7 +240,7 @@ def test_every_vero_email_event_type_is_forwarded_under_its_segment_name(app, cl
         )
         assert message["properties"]["email_id"] == f"m-u{n}"
         assert message["properties"]["campaign_id"] == 7
-        assert message["context"]["integration"] == {"name": "vero", "version": VERSION["version"]}
+        assert message["context"]["integration"] == {"name": "vero", "version": LIBRARY["version"]}
     bounced = by_user[f"u{list(EVENT_NAMES).index('bounced')}"]["properties"]
     assert (bounced["bounce_type"], bounced["bounce_code"], bounced["bounce_message"]) == (
         "hard",
