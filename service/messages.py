@@ -26,8 +26,6 @@ from typing import Any
 
 from marshmallow import INCLUDE, Schema, fields, validate
 
-MESSAGE_TYPES = ("identify", "track", "page", "screen", "group", "alias", "delete")
-
 _YEAR = re.compile(r"^\d{4}$")
 _YEAR_MONTH = re.compile(r"^(\d{4})-(\d{2})$")
 

@@ -45,9 +45,6 @@ DEFAULT_EVENT_NAMES: dict[str, str | None] = {
 # Segment's per-message limit (API-FACTS.md), measured by `encode_message`.
 MAX_MESSAGE_BYTES = 32 * 1024
 
-# Segment rejects a messageId longer than this.
-MAX_MESSAGE_ID_LENGTH = 100
-
 # ---------------------------------------------------------------------------
 # Configuration
 

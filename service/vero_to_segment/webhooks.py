@@ -36,7 +36,6 @@ EMAIL_EVENT_TYPES = (
     "complained",
 )
 USER_EVENT_TYPES = ("user_created", "user_updated")
-EVENT_TYPES = EMAIL_EVENT_TYPES + USER_EVENT_TYPES
 
 # The last second datetime can represent (9999-12-31T23:59:59Z). A larger
 # "Unix seconds" value is almost always milliseconds sent by mistake, and
@@ -256,16 +255,6 @@ def time_field(event_type: str) -> str:
 def load_event_type(payload: Any) -> str:
     """The payload's event type, lower-cased. Raises ValidationError."""
     return instance_of(EventTypeSchema).load(payload)["type"]
-
-
-def load_webhook(payload: Any) -> dict[str, Any]:
-    """Validate and normalise a webhook of a known type. Raises
-    ValidationError (also for a type this module has no schema for)."""
-    event_type = load_event_type(payload)
-    schema = SCHEMAS.get(event_type)
-    if schema is None:
-        raise ValidationError({"type": [f"unknown Vero event type {event_type!r}"]})
-    return instance_of(schema).load(payload)
 
 
 def describe_errors(messages: Any) -> str:
