@@ -213,3 +213,20 @@ def test_a_write_failure_counts_for_a_while_only():
     writes.failed(2000.0, "disk full")
     writes.succeeded()
     assert writes.failing(2000.0) is None
+
+
+def test_repeated_slashes_are_served_not_redirected_with_the_token(make_app):
+    token = "webhook-token-4f1c9b2e"
+    app = make_app({"VERO_WEBHOOK_TOKEN": token, "SEGMENT_WRITE_KEY": "write-key-1"})
+    webhook = {"type": "opened", "opened_at": 1, "message_id": "m", "user": {"id": "u"}}
+    answer = app.test_client().post(f"/vero//webhooks//{token}", json=webhook)
+    # Werkzeug would answer 308 with the token in Location and in its body.
+    assert answer.status_code == 200
+    assert "Location" not in answer.headers and token not in answer.get_data(as_text=True)
+
+
+def test_a_request_id_that_is_a_secret_is_not_repeated(make_app):
+    token = "webhook-token-4f1c9b2e"
+    client = make_app({"VERO_WEBHOOK_TOKEN": token}).test_client()
+    answer = client.get("/healthz", headers={"X-Request-ID": token})
+    assert answer.headers["X-Request-ID"] not in ("", token)
