@@ -29,7 +29,10 @@ logs.use_secrets(_config.secrets)
 serving.metrics_folder()
 from prometheus_client import multiprocess  # noqa: E402  (needs the folder set)
 
-bind = [f"0.0.0.0:{_config.port}"]
+_host = _config.host
+bind = [
+    f"[{_host}]:{_config.port}" if ":" in _host and "[" not in _host else f"{_host}:{_config.port}"
+]
 workers = _config.web_concurrency or os.cpu_count() or 2
 # gunicorn's gthread worker, with error pages redacted (see service/serving.py).
 worker_class = "service.serving.Worker"

@@ -7,6 +7,7 @@ the first message hours later.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -58,6 +59,9 @@ class Config:
     # None means "a SQLite file in the app's instance folder", which only the
     # app factory knows. Out of the repr: it usually carries a password.
     database_url: str | None = _secret()
+    # Where gunicorn listens: every interface (what a PaaS needs), or
+    # 127.0.0.1 on a VM, behind the reverse proxy.
+    host: str = "0.0.0.0"
     port: int = 8000
     max_body_bytes: int = 4 * 1024 * 1024
     outbox_lease_seconds: float = 30.0
@@ -149,6 +153,7 @@ class Config:
             vero_webhook_token_previous=read.secret("VERO_WEBHOOK_TOKEN_PREVIOUS"),
             vero_event_names=read.event_names("VERO_EVENT_NAMES"),
             database_url=read.database_url("DATABASE_URL"),
+            host=read.host("HOST", "0.0.0.0"),
             port=read.integer("PORT", 8000, 1, 65535),
             max_body_bytes=read.integer("MAX_BODY_BYTES", 4 * 1024 * 1024, 1, 1 << 30),
             outbox_lease_seconds=read.number("OUTBOX_LEASE_SECONDS", 30.0, 1.0),
@@ -231,6 +236,19 @@ class _Reader:
         if value.upper() not in choices:
             raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
         return value.upper()
+
+    def host(self, name: str, default: str) -> str:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            ipaddress.ip_address(value.strip("[]"))
+        except ValueError:
+            if ":" in value or not _HOST.match(value):
+                raise ConfigError(
+                    f"{name}: expected a host name or IP address, got {value!r}"
+                ) from None
+        return value
 
     def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
         value = self.raw(name)

@@ -58,6 +58,7 @@ def test_every_variable_is_read():
             "DELIVERY_IN_WEB": "false",
             "WEB_CONCURRENCY": "3",
             "GUNICORN_THREADS": "16",
+            "HOST": "127.0.0.1",
         }
     )
     assert config.vero_credential == ("tracking_api_key", "tk")
@@ -69,6 +70,7 @@ def test_every_variable_is_read():
     assert (config.outbox_max_attempts, config.outbox_max_age_hours) == (3, 1)
     assert config.outbox_retention_hours == 24
     assert (config.web_concurrency, config.gunicorn_threads) == (3, 16)
+    assert (config.host, Config.from_env({}).host) == ("127.0.0.1", "0.0.0.0")
     assert Config.from_env({"VERO_AUTH_TOKEN": "a"}).vero_credential == ("auth_token", "a")
 
 
@@ -101,6 +103,7 @@ def test_every_variable_is_read():
         ({"OUTBOX_POOL_SIZE": "lots"}, "OUTBOX_POOL_SIZE"),
         ({"VERO_ALLOW_ANONYMOUS": "2"}, "VERO_ALLOW_ANONYMOUS"),
         ({"WEB_CONCURRENCY": "two"}, "WEB_CONCURRENCY"),
+        ({"HOST": "0.0.0.0:8000"}, "HOST"),
         ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY"),
         ({"GUNICORN_THREADS": "-8"}, "GUNICORN_THREADS"),
         ({"GUNICORN_THREADS": "8.5"}, "GUNICORN_THREADS"),
