@@ -93,6 +93,7 @@ def on_starting(server):
 
 def on_exit(server):
     serving.remove_own()
+    serving.ignore_further_stops()
 
 
 def post_worker_init(worker):
@@ -120,6 +121,7 @@ def worker_exit(server, worker):
     wsgi = getattr(worker, "wsgi", None)
     if wsgi is not None:
         get_runtime(wsgi).stop_delivery(timeout=20)
+    serving.ignore_further_stops()
 
 
 def child_exit(server, worker):

@@ -13,6 +13,7 @@ from flask.cli import with_appcontext
 from service.directions import DIRECTIONS
 from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING
 from service.runtime import get_runtime
+from service.serving import ignore_further_stops
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ def deliver(once: bool, unless_in_web: bool):
     runtime.start_delivery()
     deliverer.stopping.wait()
     runtime.stop_delivery()
+    ignore_further_stops()  # exiting now: a repeated SIGTERM must not kill the exit
 
 
 @outbox.command(help="Delete delivered work older than the retention time.")

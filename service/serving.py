@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -91,6 +92,14 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # another user's process
     return True
+
+
+def ignore_further_stops() -> None:
+    """For a process that is exiting already: Python restores the default
+    action of signals it handled while it finalizes, so a platform's repeated
+    SIGTERM arriving then would turn a clean exit into death by signal."""
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, signal.SIG_IGN)
 
 
 class Worker(ThreadWorker):

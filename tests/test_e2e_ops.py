@@ -93,7 +93,7 @@ def test_the_outbox_commands_run_against_the_configured_store(tmp_path):
 def start_up_output(tmp_path, env: dict[str, str]) -> tuple[int, list[str]]:
     """What the Procfile's web line prints when it cannot start."""
     result = subprocess.run(
-        ["sh", "-c", "exec " + procfile_line("web")],
+        ["sh", "-c", procfile_line("web")],
         cwd=ROOT,
         env={"PATH": f"{GUNICORN.parent}:{os.environ['PATH']}", "PORT": str(free_port()), **env},
         capture_output=True,

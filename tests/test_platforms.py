@@ -132,6 +132,12 @@ def test_gunicorn_stops_before_the_platforms_kill():
     assert graceful_timeout() < 30
 
 
+def test_every_procfile_line_execs_its_command():
+    # Else a shell stands between the platform's signals and the process.
+    for process in ("web", "worker"):
+        assert procfile_line(process).startswith("exec ")
+
+
 def test_bin_procfile_runs_a_line_by_name():
     result = subprocess.run(
         [str(ROOT / "bin" / "procfile"), "release"], capture_output=True, text=True, timeout=10
