@@ -144,3 +144,34 @@ def test_bin_procfile_runs_a_line_by_name():
     )
     assert result.returncode == 2
     assert result.stderr == "bin/procfile: the Procfile has no 'release:' line\n"
+
+
+def unit_settings() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in (ROOT / "deploy" / "systemd" / "vero-bridge.service").read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def test_the_systemd_unit_runs_the_procfile_on_loopback_behind_nginx():
+    unit = unit_settings()
+    assert unit["ExecStart"] == ["/srv/vero-bridge/bin/procfile web"]
+    env = dict(pair.split("=", 1) for value in unit["Environment"] for pair in value.split(" "))
+    config = Config.from_env(env)
+    assert config.host == "127.0.0.1"  # only nginx faces the internet
+    nginx = (ROOT / "deploy" / "nginx" / "vero-bridge.conf").read_text()
+    assert f"server 127.0.0.1:{config.port};" in nginx
+    database = Path(config.database_url.removeprefix("sqlite:///"))
+    assert database.parent == Path("/var/lib") / unit["StateDirectory"][0]
+    assert unit["RequiresMountsFor"] == [str(database.parent)]
+    assert unit["KillSignal"] == ["SIGTERM"]
+    assert int(unit["TimeoutStopSec"][0]) >= graceful_timeout() + 5
+    assert unit["Type"] == ["notify"]  # gunicorn's master notifies systemd
+
+
+def test_nginx_takes_bodies_as_large_as_the_service_does():
+    nginx = (ROOT / "deploy" / "nginx" / "vero-bridge.conf").read_text()
+    size = re.search(r"client_max_body_size (\d+)m;", nginx).group(1)
+    assert int(size) * 1024 * 1024 >= Config.from_env({}).max_body_bytes
