@@ -12,6 +12,8 @@ import sys
 from urllib.parse import quote, quote_plus
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service import logs
 from service.config import Config
@@ -203,3 +205,38 @@ def test_the_configuration_names_every_secret_and_shows_none():
         assert value not in shown
     assert "vero_api_url" in shown  # the rest is still there to read
     assert Redactor(config.secrets).secrets(env["DATABASE_URL"]).count(REDACTED) == 1
+
+
+# Fuzzing: any secret in any text, and any address hypothesis can make.
+texts = st.text(max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    secret=st.text(min_size=MIN_SECRET_CHARS, max_size=30).filter(lambda s: s.strip() == s),
+    before=texts,
+    after=texts,
+    spell=st.sampled_from(
+        [
+            lambda s: s,
+            lambda s: json.dumps(s)[1:-1],
+            lambda s: json.dumps({"k": s}),
+            lambda s: quote(s, safe=""),
+            lambda s: quote_plus(s),
+            lambda s: base64.b64encode(f"{s}:".encode()).decode(),
+        ]
+    ),
+)
+def test_no_spelling_of_any_secret_survives(secret, before, after, spell):
+    text = before + spell(secret) + after
+    redacted = redact_secrets(text, [secret])
+    assert spell(secret) not in redacted or spell(secret) in before + after
+
+
+@settings(max_examples=300, deadline=None)
+@given(address=st.emails(), before=st.sampled_from(["", " ", "to: <", '{"email": "']))
+def test_every_generated_address_is_masked(address, before):
+    for text in (before + address + " ok", json.dumps({"x": before + address})):
+        masked = mask_emails(text)
+        assert address not in masked
+        assert address.split("@", 1)[1] not in masked
