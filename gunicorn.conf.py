@@ -3,33 +3,45 @@
 The relay is I/O-bound: a request waits on the outbox's commit, and delivery
 threads wait on Vero and Segment. So: one process per core (WEB_CONCURRENCY,
 which Heroku and others set, overrides) for the CPU-bound part (JSON, mapping),
-and threads in each (gthread) to overlap the waiting. Each worker process also
-runs the delivery threads when DELIVERY_IN_WEB is on (the default).
+and threads in each (gthread, GUNICORN_THREADS) to overlap the waiting. Each
+worker process also runs the delivery threads when DELIVERY_IN_WEB is on (the
+default).
 """
 
 import os
 import signal
-import tempfile
 
 from gunicorn import glogging
 
-# prometheus_client picks its multiprocess mode when first imported, so the
-# directory must exist before any worker imports the app.
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vero-bridge-metrics-")
-
+from service import logs, serving
 from service.config import load_or_exit
 
 # Fail once, in the master, with one line naming the variable.
 _config = load_or_exit()
+# gunicorn's own lines (access, errors, a malformed request line) are
+# redacted like the service's.
+logs.use_secrets(_config.secrets)
 
-bind = [f"0.0.0.0:{_config.port}"]
-workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 2))
-worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", 8))
+# prometheus_client picks its multiprocess mode when first imported, so the
+# folder must exist before any worker imports the app. It is this server's
+# own, removed when the server stops (on_exit) and, should the server be
+# killed instead, by the next one to start.
+serving.metrics_folder()
+from prometheus_client import multiprocess  # noqa: E402  (needs the folder set)
+
+_host = _config.host
+bind = [
+    f"[{_host}]:{_config.port}" if ":" in _host and "[" not in _host else f"{_host}:{_config.port}"
+]
+workers = _config.web_concurrency or os.cpu_count() or 2
+# gunicorn's gthread worker, with error pages redacted (see service/serving.py).
+worker_class = "service.serving.Worker"
+threads = _config.gunicorn_threads
 timeout = 30
 # SIGTERM: stop claiming, finish or release deliveries in flight, then exit.
-graceful_timeout = 30
+# Less than the 30 s a platform waits before its SIGKILL (Heroku, Fly's
+# kill_timeout, Render), so gunicorn's own deadline always comes first.
+graceful_timeout = 25
 keepalive = 5
 # gunicorn 27's control socket lives at one fixed path per user, which several
 # instances on one host would fight over; nothing here uses it.
@@ -79,6 +91,11 @@ def on_starting(server):
             os.remove(os.path.join(directory, name))
 
 
+def on_exit(server):
+    serving.remove_own()
+    serving.ignore_further_stops()
+
+
 def post_worker_init(worker):
     from service.runtime import get_runtime
 
@@ -104,9 +121,8 @@ def worker_exit(server, worker):
     wsgi = getattr(worker, "wsgi", None)
     if wsgi is not None:
         get_runtime(wsgi).stop_delivery(timeout=20)
+    serving.ignore_further_stops()
 
 
 def child_exit(server, worker):
-    from prometheus_client import multiprocess
-
     multiprocess.mark_process_dead(worker.pid)

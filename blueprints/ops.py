@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from flask import Blueprint, Response, jsonify
 
-from service import metrics
-from service.outbox import StoreError
+from service import health, metrics
 from service.runtime import get_runtime
 
 bp = Blueprint("ops", __name__)
+log = logging.getLogger(__name__)
+
+# What an unauthenticated caller is told; the reason itself (which may name
+# the database host and quote libpq) goes to the log.
+NOT_READY = "the outbox cannot be written; the service's log says why"
 
 
 @bp.get("/healthz")
@@ -20,10 +25,13 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    try:
-        get_runtime().store.check(time.time())
-    except StoreError as exc:
-        return jsonify(status="unavailable", reason=str(exc)), 503
+    runtime = get_runtime()
+    problem = health.problem(
+        runtime.config.database_url, runtime.store, runtime.writes, time.time()
+    )
+    if problem:
+        log.warning("not ready: %s", problem)
+        return jsonify(status="unavailable", reason=NOT_READY), 503
     return jsonify(status="ready")
 
 

@@ -11,7 +11,7 @@ import uuid
 from flask import Flask, g, request
 from werkzeug.exceptions import HTTPException
 
-from service import logs
+from service import health, logs
 from service.config import Config, load_or_exit
 from service.outbox import StoreError, open_store
 from service.outbox.delivery import Sender
@@ -22,6 +22,7 @@ log = logging.getLogger("vero_bridge")
 access_log = logging.getLogger("vero_bridge.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_SLASHES = re.compile(r"/{2,}")
 
 
 def create_app(config: Config | None = None, senders: list[Sender] | None = None) -> Flask:
@@ -29,7 +30,7 @@ def create_app(config: Config | None = None, senders: list[Sender] | None = None
     local .env file); an invalid setting then stops the process with one line."""
     if config is None:
         config = load_or_exit()
-    logs.configure(config.log_level)
+    logs.configure(config.log_level, config.secrets)
 
     app = Flask(__name__)
     # No redirects: a 308 for "//v1/batch" would be followed by some clients,
@@ -37,6 +38,12 @@ def create_app(config: Config | None = None, senders: list[Sender] | None = None
     # would echo a webhook token in its Location. Such a path is a 404.
     app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    # Repeated slashes are merged here rather than answered with Werkzeug's
+    # redirect, whose Location (and body) would repeat a webhook token.
+    app.wsgi_app = _merged_slashes(app.wsgi_app)  # type: ignore[method-assign]
+    if config.database_url is None:
+        # The default, documented store: its folder is ours to make.
+        os.makedirs(app.instance_path, exist_ok=True)
     database_url = config.database_url or "sqlite:///" + os.path.join(
         app.instance_path, "vero-bridge.db"
     )
@@ -58,12 +65,25 @@ def create_app(config: Config | None = None, senders: list[Sender] | None = None
 
     app.cli.add_command(outbox)
 
+    for warning in config.warnings():
+        log.warning("%s", warning)
     ignored = ignored_overrides(config.vero_event_names)
     if ignored:
         log.warning(
             "VERO_EVENT_NAMES names types that are never forwarded; ignored: %s",
             ", ".join(map(str, ignored)),
         )
+    missing = health.missing_folder(config.database_url)
+    if missing:
+        # Never made here: a folder that is not there is usually a volume
+        # that is not mounted, and an outbox on the disk below it would be
+        # lost with the machine.
+        log.error(
+            "DATABASE_URL: the SQLite outbox's folder %s is missing (or not a folder), and is not made;"
+            " create it (or mount its volume): until then /readyz and every write answer 503",
+            missing,
+        )
+        return app
     try:
         store.check(time.time())
     except StoreError as exc:
@@ -72,16 +92,30 @@ def create_app(config: Config | None = None, senders: list[Sender] | None = None
     return app
 
 
+def _merged_slashes(wsgi_app):
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if "//" in path:
+            environ["PATH_INFO"] = _SLASHES.sub("/", path)
+        return wsgi_app(environ, start_response)
+
+    return app
+
+
 def _install_request_hooks(app: Flask) -> None:
     @app.before_request
     def start_request():
         given = request.headers.get("X-Request-ID", "")
-        g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        # A given id is repeated in every line and in the answer: never a secret.
+        safe = _REQUEST_ID.match(given) and not logs.shows_secret(given)
+        g.request_id = given if safe else uuid.uuid4().hex
         g.started = time.perf_counter()
 
     @app.after_request
     def finish_request(response):
         response.headers["X-Request-ID"] = g.get("request_id", "")
+        if "Location" in response.headers:
+            response.headers["Location"] = logs.redact(response.headers["Location"])
         rule = request.url_rule.rule if request.url_rule else logs.redact(request.path)
         access_log.info(
             "%s %s %s",

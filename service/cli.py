@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import time
 
@@ -12,6 +13,9 @@ from flask.cli import with_appcontext
 from service.directions import DIRECTIONS
 from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING
 from service.runtime import get_runtime
+from service.serving import ignore_further_stops
+
+log = logging.getLogger(__name__)
 
 direction_option = click.option(
     "--direction", type=click.Choice(DIRECTIONS), default=None, help="Only this direction."
@@ -105,10 +109,28 @@ def replay(ids: tuple[int, ...], everything: bool, direction: str | None):
 
 @outbox.command(help="Run delivery workers in the foreground until SIGTERM or Ctrl-C.")
 @click.option("--once", is_flag=True, help="Deliver what is due now, then exit.")
+@click.option(
+    "--unless-in-web",
+    is_flag=True,
+    help="While DELIVERY_IN_WEB is on, deliver nothing and wait to be stopped"
+    " (the Procfile's worker line: a runner that starts every line then has"
+    " only the web processes delivering).",
+)
 @with_appcontext
-def deliver(once: bool):
+def deliver(once: bool, unless_in_web: bool):
     runtime = get_runtime()
     deliverer = runtime.deliverer
+    if unless_in_web and runtime.config.delivery_in_web:
+        log.info(
+            "DELIVERY_IN_WEB is on, so the web processes deliver: this worker waits to be"
+            " stopped (set DELIVERY_IN_WEB=false to deliver here instead)"
+        )
+        # Waiting, not exiting: a Procfile runner (honcho, heroku local)
+        # stops every process when one exits.
+        stop = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        signal.sigwait(stop)
+        return
     if not deliverer.senders:
         raise click.ClickException("no direction is configured: nothing to deliver")
     if once:
@@ -123,6 +145,7 @@ def deliver(once: bool):
     runtime.start_delivery()
     deliverer.stopping.wait()
     runtime.stop_delivery()
+    ignore_further_stops()  # exiting now: a repeated SIGTERM must not kill the exit
 
 
 @outbox.command(help="Delete delivered work older than the retention time.")

@@ -7,6 +7,7 @@ the first message hours later.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -14,7 +15,9 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from service.redaction import redact_secrets
 
 DEFAULT_VERO_API_URL = "https://api.getvero.com/api/v2"
 DEFAULT_SEGMENT_API_URL = "https://api.segment.io/v1"
@@ -33,23 +36,32 @@ class ConfigError(ValueError):
     """A setting is invalid; the message starts with the variable's name."""
 
 
+def _secret() -> Any:
+    # Kept out of the repr, so that printing a Config (a traceback's locals,
+    # a debugger, a log line) never shows a secret.
+    return field(default=None, repr=False)
+
+
 @dataclass(frozen=True)
 class Config:
-    vero_auth_token: str | None = None
-    vero_tracking_api_key: str | None = None
+    vero_auth_token: str | None = _secret()
+    vero_tracking_api_key: str | None = _secret()
     vero_api_url: str = DEFAULT_VERO_API_URL
     vero_allow_anonymous: bool = False
-    segment_shared_secret: str | None = None
+    segment_shared_secret: str | None = _secret()
     # A second accepted value while a secret is being changed (SERVICE.md).
-    segment_shared_secret_previous: str | None = None
-    segment_write_key: str | None = None
+    segment_shared_secret_previous: str | None = _secret()
+    segment_write_key: str | None = _secret()
     segment_api_url: str = DEFAULT_SEGMENT_API_URL
-    vero_webhook_token: str | None = None
-    vero_webhook_token_previous: str | None = None
+    vero_webhook_token: str | None = _secret()
+    vero_webhook_token_previous: str | None = _secret()
     vero_event_names: dict[str, str | None] = field(default_factory=dict)
     # None means "a SQLite file in the app's instance folder", which only the
-    # app factory knows.
-    database_url: str | None = None
+    # app factory knows. Out of the repr: it usually carries a password.
+    database_url: str | None = _secret()
+    # Where gunicorn listens: every interface (what a PaaS needs), or
+    # 127.0.0.1 on a VM, behind the reverse proxy.
+    host: str = "0.0.0.0"
     port: int = 8000
     max_body_bytes: int = 4 * 1024 * 1024
     outbox_lease_seconds: float = 30.0
@@ -62,6 +74,9 @@ class Config:
     delivery_threads: int = 4
     delivery_poll_seconds: float = 0.25
     log_level: str = "INFO"
+    # gunicorn's processes (None: one per core) and threads in each.
+    web_concurrency: int | None = None
+    gunicorn_threads: int = 8
 
     @property
     def vero_credential(self) -> tuple[str, str] | None:
@@ -80,6 +95,47 @@ class Config:
     def segment_enabled(self) -> bool:
         return bool(self.segment_write_key)
 
+    @property
+    def secrets(self) -> list[str]:
+        """Every secret value this configuration holds, the database password
+        included: what the logs, errors and answers must never show."""
+        values = [
+            self.vero_auth_token,
+            self.vero_tracking_api_key,
+            self.segment_shared_secret,
+            self.segment_shared_secret_previous,
+            self.segment_write_key,
+            self.vero_webhook_token,
+            self.vero_webhook_token_previous,
+            *database_passwords(self.database_url),
+        ]
+        return [value for value in values if value]
+
+    def warnings(self) -> list[str]:
+        """Settings that start but cannot work as meant, each saying why."""
+        found = []
+        for name, value in (
+            ("SEGMENT_SHARED_SECRET", self.segment_shared_secret),
+            ("SEGMENT_SHARED_SECRET_PREVIOUS", self.segment_shared_secret_previous),
+        ):
+            if value and ":" in value:
+                found.append(
+                    f"{name} contains ':', which HTTP Basic auth cannot carry in a user name"
+                    " (the first ':' ends it), so Segment's libraries can never authenticate"
+                    " with it; Authorization: Bearer, X-Signature and writeKey still work."
+                    " Choose a secret without ':' to allow every way"
+                )
+        for name, value in (
+            ("VERO_WEBHOOK_TOKEN", self.vero_webhook_token),
+            ("VERO_WEBHOOK_TOKEN_PREVIOUS", self.vero_webhook_token_previous),
+        ):
+            if value and "/" in value:
+                found.append(
+                    f"{name} contains '/', which cannot be part of one URL path segment,"
+                    " so no webhook can ever match it; choose a token without '/'"
+                )
+        return found
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         env = os.environ if env is None else env
@@ -97,6 +153,7 @@ class Config:
             vero_webhook_token_previous=read.secret("VERO_WEBHOOK_TOKEN_PREVIOUS"),
             vero_event_names=read.event_names("VERO_EVENT_NAMES"),
             database_url=read.database_url("DATABASE_URL"),
+            host=read.host("HOST", "0.0.0.0"),
             port=read.integer("PORT", 8000, 1, 65535),
             max_body_bytes=read.integer("MAX_BODY_BYTES", 4 * 1024 * 1024, 1, 1 << 30),
             outbox_lease_seconds=read.number("OUTBOX_LEASE_SECONDS", 30.0, 1.0),
@@ -108,6 +165,8 @@ class Config:
             delivery_threads=read.integer("DELIVERY_THREADS", 4, 1, 64),
             delivery_poll_seconds=read.number("DELIVERY_POLL_SECONDS", 0.25, 0.01),
             log_level=read.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            web_concurrency=read.optional_integer("WEB_CONCURRENCY", 1, 256),
+            gunicorn_threads=read.integer("GUNICORN_THREADS", 8, 1, 256),
         )
         if config.vero_auth_token and config.vero_tracking_api_key:
             raise ConfigError(
@@ -143,9 +202,13 @@ class _Reader:
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
 
     def integer(self, name: str, default: int, low: int, high: int) -> int:
+        number = self.optional_integer(name, low, high)
+        return default if number is None else number
+
+    def optional_integer(self, name: str, low: int, high: int) -> int | None:
         value = self.raw(name)
         if value is None:
-            return default
+            return None
         try:
             number = int(value)
         except ValueError:
@@ -173,6 +236,19 @@ class _Reader:
         if value.upper() not in choices:
             raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
         return value.upper()
+
+    def host(self, name: str, default: str) -> str:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            ipaddress.ip_address(value.strip("[]"))
+        except ValueError:
+            if ":" in value or not _HOST.match(value):
+                raise ConfigError(
+                    f"{name}: expected a host name or IP address, got {value!r}"
+                ) from None
+        return value
 
     def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
         value = self.raw(name)
@@ -208,7 +284,9 @@ class _Reader:
             except ValueError:
                 raise ConfigError(f"{name}: not a valid PostgreSQL URL") from None
             # The "postgres://" form is what Heroku and others set.
-            return "postgresql" + value[len(scheme) :]
+            url = "postgresql" + value[len(scheme) :]
+            _check_postgres(name, url)
+            return url
         # Never echo the value: a database URL usually carries a password.
         raise ConfigError(f"{name}: expected a sqlite:/// or postgresql:// URL")
 
@@ -228,6 +306,47 @@ class _Reader:
                     f"{name}: the name for {key!r} must be a non-empty string or null"
                 )
         return parsed
+
+
+def database_passwords(url: str | None) -> list[str]:
+    """The password a PostgreSQL URL carries (in the user part or as a
+    `password` parameter), as written and decoded."""
+    if not url or not url.lower().startswith("postgres"):
+        return []
+    try:
+        parts = urlsplit(url)
+        found = [parts.password, *parse_qs(parts.query).get("password", [])]
+    except ValueError:
+        return []
+    return [form for value in found if value for form in {value, unquote(value)}]
+
+
+# What to run to install the PostgreSQL driver; both are what a deployment
+# and a checkout install from.
+POSTGRES_INSTALL = (
+    "pip install -r requirements.txt (in a checkout: .venv/bin/pip install -e '.[postgres]')"
+)
+
+
+def _check_postgres(name: str, url: str) -> None:
+    """Refuse now what would otherwise fail in every worker: no driver, or a
+    URL that libpq's own parser refuses."""
+    try:
+        import psycopg_pool  # noqa: F401  (the store needs both)
+        from psycopg import Error
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise ConfigError(
+            f"{name}: names PostgreSQL, but its driver (psycopg) is not installed;"
+            f" install it with: {POSTGRES_INSTALL}"
+        ) from None
+    try:
+        conninfo_to_dict(url)
+    except Error as exc:
+        reason = redact_secrets(" ".join(str(exc).split()), database_passwords(url))
+        if any(password in reason for password in database_passwords(url)):
+            reason = "a part of it is malformed"  # a password too short to redact
+        raise ConfigError(f"{name}: not a valid PostgreSQL URL: {reason}") from None
 
 
 def load_or_exit() -> Config:

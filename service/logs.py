@@ -1,7 +1,9 @@
 """JSON logs on stdout, one object per line, with the request id.
 
 The same formatter is given to gunicorn (see gunicorn.conf.py), so every line
-the process writes has one shape and passes through the same redaction.
+the process writes has one shape and passes through the same redaction: the
+configured secrets by value in every spelling, whatever follows
+/vero/webhooks/, and, on lines above debug level, email addresses.
 """
 
 from __future__ import annotations
@@ -11,29 +13,32 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Iterable
+from typing import Any
 
-# The webhook token is a secret that travels in the URL path.
-_WEBHOOK_PATH = re.compile(r"(/vero/webhooks/)[^/\s?#\"']+")
+from service.redaction import Redactor, mask_emails, redact_webhook_paths
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_WEBHOOKS = re.compile("webhooks|token=", re.IGNORECASE)
+
+# One per process: the secrets are the process's configuration, and gunicorn's
+# formatter is built from its own settings before any app exists.
+_redactor = Redactor()
 
 
-# Email addresses are personal data: they may only be logged at debug level,
-# yet an upstream's error answer can echo a message's body into a warning.
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+def use_secrets(secrets: Iterable[str | None]) -> None:
+    """Redact these values (in every spelling) from every line from now on."""
+    global _redactor
+    _redactor = Redactor(secrets)
 
 
 def redact(text: str) -> str:
-    # The substring test first: most lines hold no webhook path, and a regex
-    # on every line of every request is a measurable share of a request.
-    if "/vero/webhooks/" not in text:
-        return text
-    return _WEBHOOK_PATH.sub(r"\1[redacted]", text)
+    """`text` as a log line may show it, personal data aside."""
+    return _redactor.everything(text, personal=False)
 
 
-def redact_personal(text: str) -> str:
-    if "@" not in text:
-        return text
-    return _EMAIL.sub("[email]", text)
+def shows_secret(text: str) -> bool:
+    return _redactor.has_secret(text)
 
 
 def _request_id() -> str | None:
@@ -47,7 +52,7 @@ def _request_id() -> str | None:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
@@ -62,14 +67,51 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        line = redact(json.dumps(entry, default=str))
-        if not logging.getLogger().isEnabledFor(logging.DEBUG):
-            line = redact_personal(line)
-        return line
+        line = json.dumps(entry, default=str)
+        # Emails are personal data: only debug lines, which an operator asks
+        # for with LOG_LEVEL=DEBUG, may show them.
+        personal = record.levelno > logging.DEBUG
+        steps = _steps_for(line, personal)
+        if not steps:
+            return line
+        # Redact each value before encoding, not the encoded line: a
+        # replacement then never cuts through the line's JSON.
+        return json.dumps(_clean(entry, steps), default=str)
 
 
-def configure(level: str = "INFO") -> None:
-    """Send the service's own loggers to stdout as JSON (idempotent)."""
+def _steps_for(line: str, personal: bool) -> list:
+    """What `line` needs, judged from the encoded line: every spelling the
+    redactor knows includes the JSON-escaped one, so a value holding a secret
+    shows here as one."""
+    redactor = _redactor
+    steps: list = []
+    if redactor.has_secret(line) or (redactor.forms and "%" in line):
+        steps.append(redactor.secrets)
+    if _WEBHOOKS.search(line):
+        steps.append(redact_webhook_paths)
+    if personal and ("@" in line or "%40" in line):
+        steps.append(mask_emails)
+    return steps
+
+
+def _clean(value: Any, steps: list) -> Any:
+    if isinstance(value, str):
+        for step in steps:
+            value = step(value)
+        return value
+    if isinstance(value, dict):
+        return {_clean(key, steps): _clean(item, steps) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(item, steps) for item in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return _clean(str(value), steps)
+
+
+def configure(level: str = "INFO", secrets: Iterable[str | None] = ()) -> None:
+    """Send the service's own loggers to stdout as JSON (idempotent), redacting
+    `secrets`."""
+    use_secrets(secrets)
     root = logging.getLogger()
     root.setLevel(level)
     for handler in root.handlers:

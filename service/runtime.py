@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 from flask import Flask, current_app
 
-from service import intake, metrics
+from service import health, intake, metrics
 from service.config import Config
-from service.outbox import Store
+from service.outbox import Store, StoreError
 from service.outbox.delivery import RELEASED, SUCCEEDED, Deliverer, Limits, Outcome, Sender
 from service.results import Result
 
@@ -41,12 +41,19 @@ class Runtime:
             on_outcome=count_outcome,
         )
         self._housekeeping: threading.Thread | None = None
+        self.writes = health.Writes()
 
     def init_app(self, app: Flask) -> None:
         app.extensions[EXTENSION] = self
 
     def accept(self, direction: str, results: Sequence[Result]) -> intake.Summary:
-        summary = intake.record(self.store, direction, results, time.time())
+        try:
+            summary = intake.record(self.store, direction, results, time.time())
+        except StoreError as exc:
+            self.writes.failed(time.time(), str(exc))  # /readyz reports it
+            raise
+        if summary.accepted or summary.duplicate:
+            self.writes.succeeded()
         if summary.accepted:
             # Wake this process's workers now rather than at their next poll.
             self.deliverer.wake(direction)

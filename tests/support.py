@@ -21,6 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 
 
+def procfile_line(process: str, root: Path = ROOT) -> str:
+    """The command the Procfile gives for `process` (web, worker)."""
+    for line in (root / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        if name == process and not line.startswith("#"):
+            return command.strip()
+    raise LookupError(f"no {process}: line in the Procfile")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -56,6 +56,9 @@ def test_every_variable_is_read():
             "OUTBOX_MAX_AGE_HOURS": "1",
             "OUTBOX_RETENTION_HOURS": "24",
             "DELIVERY_IN_WEB": "false",
+            "WEB_CONCURRENCY": "3",
+            "GUNICORN_THREADS": "16",
+            "HOST": "127.0.0.1",
         }
     )
     assert config.vero_credential == ("tracking_api_key", "tk")
@@ -66,6 +69,8 @@ def test_every_variable_is_read():
     assert (config.port, config.max_body_bytes, config.outbox_lease_seconds) == (5000, 2048, 12.5)
     assert (config.outbox_max_attempts, config.outbox_max_age_hours) == (3, 1)
     assert config.outbox_retention_hours == 24
+    assert (config.web_concurrency, config.gunicorn_threads) == (3, 16)
+    assert (config.host, Config.from_env({}).host) == ("127.0.0.1", "0.0.0.0")
     assert Config.from_env({"VERO_AUTH_TOKEN": "a"}).vero_credential == ("auth_token", "a")
 
 
@@ -97,6 +102,16 @@ def test_every_variable_is_read():
         ({"DELIVERY_IN_WEB": "maybe"}, "DELIVERY_IN_WEB"),
         ({"OUTBOX_POOL_SIZE": "lots"}, "OUTBOX_POOL_SIZE"),
         ({"VERO_ALLOW_ANONYMOUS": "2"}, "VERO_ALLOW_ANONYMOUS"),
+        ({"WEB_CONCURRENCY": "two"}, "WEB_CONCURRENCY"),
+        ({"HOST": "0.0.0.0:8000"}, "HOST"),
+        ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY"),
+        ({"GUNICORN_THREADS": "-8"}, "GUNICORN_THREADS"),
+        ({"GUNICORN_THREADS": "8.5"}, "GUNICORN_THREADS"),
+        # What libpq's own parser refuses, which would otherwise fail in
+        # every worker: an unknown parameter, a bad escape in the password.
+        ({"DATABASE_URL": "postgresql://u:hunter2@db/x?colour=blue"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://u:hunter2%zz@db/x"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgres://u:hunter2 x@db/x"}, "DATABASE_URL"),
     ],
 )
 def test_an_invalid_value_names_its_variable(env, variable):
@@ -121,3 +136,32 @@ def test_the_service_stops_at_start_with_one_line_naming_the_variable():
     assert result.stderr.strip().splitlines() == [
         "vero-bridge: invalid configuration: VERO_EVENT_NAMES: expected a JSON object"
     ]
+
+
+def test_libpq_says_what_is_wrong_with_a_database_url():
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({"DATABASE_URL": "postgresql://u:hunter2@db/x?colour=blue"})
+    assert str(raised.value) == (
+        'DATABASE_URL: not a valid PostgreSQL URL: invalid URI query parameter: "colour"'
+    )
+
+
+def test_processes_and_threads_default_to_one_per_core_and_eight():
+    config = Config.from_env({})
+    assert (config.web_concurrency, config.gunicorn_threads) == (None, 8)
+
+
+@pytest.mark.parametrize("name", ["SEGMENT_SHARED_SECRET", "SEGMENT_SHARED_SECRET_PREVIOUS"])
+def test_a_shared_secret_basic_auth_cannot_carry_is_warned_about(name, make_app, caplog):
+    config = Config.from_env({name: "half:half"})
+    [warning] = config.warnings()
+    assert warning.startswith(f"{name} contains ':', which HTTP Basic auth cannot carry")
+    assert "Bearer" in warning
+    make_app({name: "half:half"})
+    assert warning in caplog.messages  # said at start
+    assert Config.from_env({name: "whole"}).warnings() == []
+
+
+def test_a_webhook_token_no_path_can_carry_is_warned_about():
+    [warning] = Config.from_env({"VERO_WEBHOOK_TOKEN": "a/b"}).warnings()
+    assert warning.startswith("VERO_WEBHOOK_TOKEN contains '/'")

@@ -10,7 +10,8 @@ import sys
 import pytest
 import requests
 
-from tests.support import GUNICORN, ROOT, Service, metric, scrape
+from blueprints.ops import NOT_READY
+from tests.support import GUNICORN, ROOT, Service, free_port, metric, procfile_line, scrape
 
 pytestmark = pytest.mark.e2e
 
@@ -72,7 +73,7 @@ def test_readyz_is_503_with_the_reason_when_the_store_cannot_be_written(tmp_path
     with Service({"DATABASE_URL": f"sqlite:///{blocker}/outbox.db"}, tmp_path / "log") as service:
         response = requests.get(service.url + "/readyz", timeout=5)
         assert response.status_code == 503
-        assert "SQLite outbox" in response.json()["reason"]
+        assert response.json()["reason"] == NOT_READY  # the detail is in the log
         assert requests.get(service.url + "/healthz", timeout=5).status_code == 200
 
 
@@ -103,3 +104,89 @@ def test_the_outbox_commands_run_against_the_configured_store(tmp_path):
         "segment_to_vero",
         "vero_to_segment",
     ]
+
+
+def start_up_output(tmp_path, env: dict[str, str]) -> tuple[int, list[str]]:
+    """What the Procfile's web line prints when it cannot start."""
+    result = subprocess.run(
+        ["sh", "-c", procfile_line("web")],
+        cwd=ROOT,
+        env={"PATH": f"{GUNICORN.parent}:{os.environ['PATH']}", "PORT": str(free_port()), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result.returncode, (result.stdout + result.stderr).strip().splitlines()
+
+
+def test_postgresql_without_its_driver_stops_gunicorn_with_one_line(tmp_path):
+    # An install without the postgres extra: psycopg cannot be imported.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['psycopg'] = sys.modules['psycopg_pool'] = None\n"
+    )
+    code, lines = start_up_output(
+        tmp_path,
+        {"PYTHONPATH": str(tmp_path), "DATABASE_URL": "postgres://u:hunter2@db.example/x"},
+    )
+    assert code != 0
+    assert lines == [
+        "vero-bridge: invalid configuration: DATABASE_URL: names PostgreSQL, but its driver"
+        " (psycopg) is not installed; install it with: pip install -r requirements.txt"
+        " (in a checkout: .venv/bin/pip install -e '.[postgres]')"
+    ]
+
+
+def test_a_bad_process_count_stops_gunicorn_with_one_line(tmp_path):
+    code, lines = start_up_output(tmp_path, {"WEB_CONCURRENCY": "lots"})
+    assert code != 0
+    assert lines == [
+        "vero-bridge: invalid configuration: WEB_CONCURRENCY: expected a whole number, got 'lots'"
+    ]
+
+
+def test_a_missing_sqlite_folder_is_refused_not_made(tmp_path):
+    # As on a machine whose volume is not mounted: the folder is not there.
+    folder = tmp_path / "volume" / "data"
+    # Start-up and /readyz are checked here; that the store itself never
+    # makes the folder when written to is the store's own test.
+    env = {"DATABASE_URL": f"sqlite:///{folder}/outbox.db", "DELIVERY_IN_WEB": "false"}
+    with Service(env, tmp_path / "log") as service:
+        for _ in range(3):
+            response = requests.get(service.url + "/readyz", timeout=5)
+            assert response.status_code == 503
+            assert response.json() == {"status": "unavailable", "reason": NOT_READY}
+        assert requests.get(service.url + "/healthz", timeout=5).status_code == 200
+    assert not folder.exists() and not folder.parent.exists()
+    said = [
+        json.loads(line)["message"]
+        for line in service.logs().splitlines()
+        if line.startswith("{") and "DATABASE_URL" in line
+    ]
+    # One line per worker process, naming the folder and what to do.
+    assert said and all(
+        message.startswith(f"DATABASE_URL: the SQLite outbox's folder {folder}") for message in said
+    )
+    assert "mount its volume" in said[0]
+
+
+def test_the_metrics_folder_lives_as_long_as_the_server(tmp_path):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    # A server killed earlier left its folder; one still running keeps its own.
+    stale = temp / "vero-bridge-metrics-4194311-abc"
+    running = temp / f"vero-bridge-metrics-{os.getpid()}-def"
+    for folder in (stale, running):
+        folder.mkdir()
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/outbox.db", "TMPDIR": str(temp)}
+    with Service(env, tmp_path / "log") as service:
+        # Counted (not configured: 503), so a worker writes its counters.
+        assert requests.post(service.url + "/segment", json={}, timeout=5).status_code == 503
+        [own] = [
+            p
+            for p in temp.iterdir()
+            if p.name.startswith(f"vero-bridge-metrics-{service.proc.pid}-")
+        ]
+        assert any(own.iterdir())  # the workers' counters are in it
+        assert not stale.exists() and running.exists()
+    assert service.proc.returncode == 0
+    assert sorted(temp.iterdir()) == [running]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -212,3 +213,84 @@ def test_a_configuration_error_names_the_variable_but_never_a_secret(tmp_path):
     assert "VERO_AUTH_TOKEN" in output
     for value in (token, key):
         assert not any(form in output for form in forms(value))
+
+
+def raw_request(port: int, head: bytes, body: bytes = b"") -> bytes:
+    """Send exactly these bytes (a request line of any shape) and read the
+    whole answer, headers included."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + body)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_webhook_tokens_never_show_whatever_the_path_shape(tmp_path):
+    # "~" is what an older URL quoter writes as %7E.
+    token, previous = (f"tok~{uuid.uuid4().hex}", f"old~{uuid.uuid4().hex}")
+    env = {
+        "VERO_WEBHOOK_TOKEN": token,
+        "VERO_WEBHOOK_TOKEN_PREVIOUS": previous,
+        "SEGMENT_WRITE_KEY": secret("SEGMENT_WRITE_KEY"),
+        "SEGMENT_API_URL": "http://127.0.0.1:9/v1",  # never reached: nothing is delivered
+        "DELIVERY_IN_WEB": "false",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/outbox.db",
+        "LOG_LEVEL": "DEBUG",
+    }
+    webhook = json.dumps(
+        {
+            "type": "opened",
+            "opened_at": 1_700_000_000,
+            "message_id": "m1",
+            "user": {"id": "u3"},
+            "campaign": {"id": 1},
+        }
+    ).encode()
+    answers = []
+    with Service(env, tmp_path / "service.log", ("--access-logfile", "-")) as service:
+        for value in (token, previous):
+            encoded = value.replace("~", "%7E")
+            for path in (
+                f"/vero/webhooks/{value}",
+                f"//vero/webhooks/{value}",
+                f"/vero//webhooks//{value}",
+                f"/VERO/webhooks/{value}",
+                f"/vero/WEBHOOKS/{value}",
+                f"/vero/webhooks/{value}/extra/segments",
+                f"/vero/webhooks/{value}/",
+                f"/vero/webhooks/{encoded}",
+                f"/vero/webhooks/{value}?token={value}",
+                f"/vero/webhooks?token={value}",
+                f"/healthz?token={encoded}",
+                f"/{value}",
+            ):
+                for method in (b"POST", b"GET"):
+                    head = (
+                        method + b" " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Type: application/json\r\nConnection: close\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(webhook)
+                    )
+                    answers.append(raw_request(service.port, head, webhook))
+            # Request lines and headers gunicorn cannot parse: it answers 400
+            # itself, quoting what it could not read.
+            for head in (
+                f"GET /vero/webhooks/{value} HTTP/1.1 trailing\r\n\r\n",
+                f"GET /vero/webhooks/{value} HTTP/9.9\r\n\r\n",
+                f"G\x01T /vero/webhooks/{value} HTTP/1.1\r\n\r\n",
+                f"GET /vero/webhooks/{value}\x7f HTTP/1.1\r\n\r\n",
+                f"GET /healthz HTTP/1.1\r\nBad Header {value}: x\r\n\r\n",
+                f"GET /healthz HTTP/1.1\r\nX-Token: {value}\x00\r\n\r\n",
+            ):
+                answers.append(raw_request(service.port, head.encode("latin-1")))
+        assert all(answers)
+    logs = service.logs()
+    # The shapes were seen and logged: accepted, refused and unreadable.
+    assert '"status": 200' in logs and '"status": 401' in logs and '"status": 404' in logs
+    assert "Invalid request from ip=127.0.0.1" in logs and b" 400 " in b"".join(answers)
+    assert all(line.startswith("{") for line in logs.splitlines())
+    for value in (token, previous):
+        hexpart = value.split("~")[1]
+        for name, text in (("logs", logs), ("answers", b"\n".join(answers).decode("latin-1"))):
+            assert hexpart not in text, f"a webhook token reached the {name}"
+            assert hexpart[:12] not in text.replace("-", ""), f"part of a token reached the {name}"

@@ -2,6 +2,7 @@ import json
 import os
 import time
 
+from blueprints.ops import NOT_READY
 from service.outbox import open_store
 from service.results import Accept
 from service.runtime import get_runtime
@@ -18,14 +19,16 @@ def test_readyz_is_ready_when_the_store_answers(make_app):
     assert (response.status_code, response.json) == (200, {"status": "ready"})
 
 
-def test_readyz_is_503_with_the_reason_when_the_store_cannot_be_written(make_app, tmp_path):
+def test_readyz_is_503_with_the_reason_when_the_store_cannot_be_written(make_app, tmp_path, caplog):
+    # The caller is told generically (it is unauthenticated); the log says why.
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the store's folder should be")
     app = make_app({"DATABASE_URL": f"sqlite:///{blocker}/outbox.db"})
     response = app.test_client().get("/readyz")
     assert response.status_code == 503
-    assert response.json["status"] == "unavailable"
-    assert "cannot open the SQLite outbox" in response.json["reason"]
+    assert response.json == {"status": "unavailable", "reason": NOT_READY}
+    assert str(tmp_path) not in response.get_data(as_text=True)
+    assert f"not ready: the SQLite outbox's folder {blocker} is missing" in caplog.messages
 
 
 def test_readyz_turns_503_when_a_working_store_breaks(make_app, tmp_path):
@@ -152,3 +155,64 @@ def test_metrics_count_accepted_messages_and_deliveries(make_app):
         )
         == delivered + 1
     )
+
+
+def test_readyz_is_503_while_writes_fail_though_the_probe_passes(make_app, caplog):
+    app = make_app({"SEGMENT_SHARED_SECRET": "shared-secret", "VERO_AUTH_TOKEN": "vero-token"})
+    client = app.test_client()
+    store = get_runtime(app).store
+    assert client.get("/readyz").status_code == 200
+
+    def post(user: str):
+        message = {"type": "track", "userId": user, "event": "E", "properties": {"x": "y" * 5000}}
+        return client.post("/v1/track", json=message, auth=("shared-secret", ""))
+
+    assert post("u0").status_code == 200
+    # A full disk, as SQLite reports it: the file may not grow. The probe's
+    # one-row update still fits; a new message does not.
+    conn = store._connection()
+    (pages,) = conn.execute("PRAGMA page_count").fetchone()
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    store.check(time.time())
+    assert post("u1").status_code == 503
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json == {"status": "unavailable", "reason": NOT_READY}
+    assert any(
+        message.startswith("not ready: recent writes failed: the SQLite outbox cannot be written")
+        for message in caplog.messages
+    )
+
+    # Room again: the next write succeeds, and with it readiness.
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    assert post("u2").status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+def test_a_write_failure_counts_for_a_while_only():
+    from service.health import FAILURE_SECONDS, Writes
+
+    writes = Writes()
+    writes.failed(1000.0, "disk full")
+    assert writes.failing(1000.0 + FAILURE_SECONDS / 2) == "disk full"
+    assert writes.failing(1000.0 + FAILURE_SECONDS) is None
+    writes.failed(2000.0, "disk full")
+    writes.succeeded()
+    assert writes.failing(2000.0) is None
+
+
+def test_repeated_slashes_are_served_not_redirected_with_the_token(make_app):
+    token = "webhook-token-4f1c9b2e"
+    app = make_app({"VERO_WEBHOOK_TOKEN": token, "SEGMENT_WRITE_KEY": "write-key-1"})
+    webhook = {"type": "opened", "opened_at": 1, "message_id": "m", "user": {"id": "u"}}
+    answer = app.test_client().post(f"/vero//webhooks//{token}", json=webhook)
+    # Werkzeug would answer 308 with the token in Location and in its body.
+    assert answer.status_code == 200
+    assert "Location" not in answer.headers and token not in answer.get_data(as_text=True)
+
+
+def test_a_request_id_that_is_a_secret_is_not_repeated(make_app):
+    token = "webhook-token-4f1c9b2e"
+    client = make_app({"VERO_WEBHOOK_TOKEN": token}).test_client()
+    answer = client.get("/healthz", headers={"X-Request-ID": token})
+    assert answer.headers["X-Request-ID"] not in ("", token)

@@ -648,13 +648,20 @@ def test_percent_encoded_invalid_utf8_is_rejected_not_raised():
     )
 
 
+def json_error(body: bytes) -> str:
+    try:
+        json.loads(body)
+    except json.JSONDecodeError as exc:
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    raise AssertionError("valid JSON")
+
+
 @pytest.mark.parametrize(
     ("body", "error"),
     [
-        (
-            b'{"type": "sent",}',
-            "body is not valid JSON: Expecting property name enclosed in double quotes at line 1 column 17",
-        ),
+        # CPython words this one differently from release to release (3.13:
+        # "Illegal trailing comma"): the parser's own words, with the position.
+        (b'{"type": "sent",}', "body is not valid JSON: " + json_error(b'{"type": "sent",}')),
         (b'{"type": "sent"', "body is not valid JSON: Expecting ',' delimiter at line 1 column 16"),
         (b'{"a": NaN}', "body is not valid JSON: NaN is not a JSON value"),
         (b'[{"a": Infinity}]', "body is not valid JSON: Infinity is not a JSON value"),

@@ -31,7 +31,6 @@ import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import quote
 
 from service.outbox import (
     DEAD,
@@ -45,6 +44,7 @@ from service.outbox import (
     claimed_items,
     dead_item,
 )
+from service.redaction import redact_secrets
 from service.results import Accept
 
 try:
@@ -224,11 +224,7 @@ class PostgresStore:
     # -- connections -------------------------------------------------------
 
     def _redact(self, text: str) -> str:
-        text = " ".join(text.split())
-        if self._password:
-            for form in {self._password, quote(self._password, safe="")}:
-                text = text.replace(form, "***")
-        return text
+        return redact_secrets(" ".join(text.split()), (self._password,))
 
     def _failure(self, doing: str, exc: BaseException) -> StoreError:
         return StoreError(

@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -31,6 +30,7 @@ from service.config import Config
 from service.directions import SEGMENT_TO_VERO
 from service.outbox import Item
 from service.outbox.delivery import FAILED, RELEASE, RELEASED, RETRY, SUCCEEDED, Outcome
+from service.redaction import redact_secrets
 from service.retry import retry_after_seconds, retryable, status_class
 from service.version import NAME, VERSION
 
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 TIMEOUTS = (3.05, 10.0)
 CLAIM_SIZE = 16
 EXCERPT_CHARS = 200
-REDACTED = "[redacted]"
 
 
 class VeroSender:
@@ -152,15 +151,7 @@ class VeroSender:
     def _redact(self, text: str) -> str:
         """Remove the credential should an answer or error message echo it,
         in the spellings a JSON or URL encoder would give it."""
-        secret = self._credential
-        for form in {
-            secret,
-            secret.replace("/", "\\/"),
-            quote(secret, safe=""),
-            quote(secret, safe="/"),
-        }:
-            text = text.replace(form, REDACTED)
-        return text
+        return redact_secrets(text, (self._credential,))
 
     def _log_failure(self, item: Item, call: dict, outcome: Outcome) -> None:
         log.warning(

@@ -30,6 +30,7 @@ from service.config import Config
 from service.directions import VERO_TO_SEGMENT
 from service.outbox import Item
 from service.outbox.delivery import FAILED, RELEASE, RETRY, SUCCEEDED, Outcome
+from service.redaction import redact_secrets
 from service.retry import retry_after_seconds, retryable, status_class
 from service.vero_to_segment.mapping import MAX_MESSAGE_BYTES, encode_message
 
@@ -46,8 +47,6 @@ MAX_REASON_CHARS = 500
 # message at fault. Segment answers 400 for an invalid or oversized payload; a
 # proxy in front of it may answer 413 for the size.
 SPLIT_STATUSES = frozenset({400, 413})
-
-_REDACTED = "[redacted]"
 
 
 # ---------------------------------------------------------------------------
@@ -277,7 +276,7 @@ class SegmentSender:
 
     def _scrub(self, text: str) -> str:
         """Never let the write key reach an error, a log or the dead letters."""
-        return text.replace(self._write_key, _REDACTED)
+        return redact_secrets(text, (self._write_key,))
 
 
 def encode_item(item: Item) -> bytes | Outcome:

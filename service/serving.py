@@ -1,0 +1,129 @@
+"""What gunicorn.conf.py needs from the service: the metrics folder of one
+server's life, and a worker whose error pages never echo a secret.
+
+Kept apart from gunicorn.conf.py so that it can be imported (by gunicorn, as
+the worker class, and by tests) and read without gunicorn's settings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+
+from gunicorn.workers.gthread import ThreadWorker
+
+PREFIX = "vero-bridge-metrics-"
+# Set beside PROMETHEUS_MULTIPROC_DIR when this module made the folder: the
+# master's pid, so that only the server that made it removes it.
+OWNER = "VERO_BRIDGE_METRICS_OWNER"
+# Folders of releases before the pid was part of the name; nothing tells
+# whether one is in use, so only one left alone this long is removed.
+LEGACY_STALE_SECONDS = 24 * 3600
+
+_OURS = re.compile(rf"^{re.escape(PREFIX)}(\d+)-")
+
+
+def metrics_folder(environ: dict[str, str] | None = None) -> str:
+    """The folder prometheus_client's multiprocess mode keeps its counters
+    in: one an operator set is used as it is; otherwise one of this server's
+    own in the temporary folder, named by the master's pid, after removing
+    folders whose servers are gone. Sets both variables in `environ`."""
+    env = os.environ if environ is None else environ
+    given = env.get("PROMETHEUS_MULTIPROC_DIR")
+    owner = env.get(OWNER)
+    if given and not owner:
+        return given  # the operator's: theirs to keep
+    if given and owner == str(os.getpid()):
+        return given  # this master reading its settings again (SIGHUP)
+    # None yet, or one inherited from the master that started this one (a
+    # SIGUSR2 upgrade): that master removes its own when it stops.
+    remove_stale(tempfile.gettempdir())
+    folder = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")
+    env["PROMETHEUS_MULTIPROC_DIR"] = folder
+    env[OWNER] = str(os.getpid())
+    return folder
+
+
+def remove_own(environ: dict[str, str] | None = None) -> None:
+    """At the server's exit: remove the folder if this process made it."""
+    env = os.environ if environ is None else environ
+    folder = env.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder and env.get(OWNER) == str(os.getpid()):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale(
+    parent: str,
+    alive: Callable[[int], bool] | None = None,
+    now: float | None = None,
+) -> list[str]:
+    """Remove the metrics folders in `parent` whose server has stopped."""
+    alive = alive or _alive
+    now = time.time() if now is None else now
+    removed = []
+    for name in os.listdir(parent):
+        if not name.startswith(PREFIX):
+            continue
+        path = os.path.join(parent, name)
+        match = _OURS.match(name)
+        try:
+            if match:
+                stale = not alive(int(match.group(1)))
+            else:
+                stale = now - os.stat(path).st_mtime > LEGACY_STALE_SECONDS
+            if stale and os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+                removed.append(path)
+        except OSError:
+            continue  # another server's, or removed meanwhile
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def ignore_further_stops() -> None:
+    """For a process that is exiting already: Python restores the default
+    action of signals it handled while it finalizes, so a platform's repeated
+    SIGTERM arriving then would turn a clean exit into death by signal."""
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, signal.SIG_IGN)
+
+
+class Worker(ThreadWorker):
+    """gunicorn's threaded worker, except that the page it answers a
+    malformed request with (a 400 quoting the request line or header) is
+    redacted as a log line is: the line may carry a webhook token."""
+
+    def handle_error(self, req, client, addr, exc):
+        super().handle_error(req, client, addr, _redacted(exc))
+
+
+def _redacted(exc: BaseException) -> BaseException:
+    """`exc`, or a copy of the same class whose text is redacted. gunicorn's
+    request errors build their text from their attributes."""
+    from service.logs import redact
+
+    def clean(value):
+        return redact(value) if isinstance(value, str) else value
+
+    attributes = {name: clean(value) for name, value in vars(exc).items()}
+    args = tuple(clean(arg) for arg in exc.args)
+    if attributes == vars(exc) and args == exc.args:
+        return exc
+    copy = type(exc).__new__(type(exc))
+    copy.__dict__.update(attributes)
+    copy.args = args
+    return copy
