@@ -264,6 +264,7 @@ def test_the_webhook_tokens_never_show_whatever_the_path_shape(tmp_path):
                 f"/vero/webhooks?token={value}",
                 f"/healthz?token={encoded}",
                 f"/{value}",
+                "/vero/webhooks/not-the-token",  # refused: 401
             ):
                 for method in (b"POST", b"GET"):
                     head = (
