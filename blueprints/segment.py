@@ -151,13 +151,14 @@ def authorization_secret(header: str | None) -> str | None:
     """
     if header is None or not header.strip():
         return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        # The whole value is the token: werkzeug would read one with an "="
+        # before its end as auth parameters ("k=v") and offer no token.
+        return value.strip()
     parsed = Authorization.from_header(header.strip())
-    if parsed is None:
-        return ""
-    if parsed.type == "basic":
+    if parsed is not None and parsed.type == "basic":
         return parsed.username or ""
-    if parsed.type == "bearer":
-        return (parsed.token or "").strip()
     return ""
 
 

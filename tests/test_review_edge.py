@@ -1,0 +1,73 @@
+"""Found by a review of the edge against SERVICE.md, probing as an unseen
+client or attacker would: the Flask app with its real sender and store, a
+stand-in Vero on a loopback port, and the outbox read back to see what was
+stored."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from service.directions import SEGMENT_TO_VERO
+from service.runtime import get_runtime
+
+SECRET = "review-shared-secret"
+HOOK_TOKEN = "review-hook-token"
+
+
+@pytest.fixture
+def env(vero, segment, sqlite_url):
+    return {
+        "VERO_AUTH_TOKEN": "review-vero-token",
+        "VERO_API_URL": vero.url,
+        "SEGMENT_SHARED_SECRET": SECRET,
+        "SEGMENT_WRITE_KEY": "review-write-key",
+        "SEGMENT_API_URL": segment.url,
+        "VERO_WEBHOOK_TOKEN": HOOK_TOKEN,
+        "DATABASE_URL": sqlite_url,
+    }
+
+
+@pytest.fixture
+def app(make_app, env):
+    return make_app(env)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def stored(app, direction: str = SEGMENT_TO_VERO) -> int:
+    counts = get_runtime(app).store.counts(time.time())
+    return sum(n for (where, _), n in counts.items() if where == direction)
+
+
+def recent(seconds_ago: float = 60) -> str:
+    moment = datetime.now(UTC) - timedelta(seconds=seconds_ago)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def track(event: str = "Signed Up", user: str = "u1", **extra) -> dict:
+    return {"type": "track", "userId": user, "event": event, "timestamp": recent(), **extra}
+
+
+# -- Authorization: Bearer ------------------------------------------------------
+
+
+@pytest.mark.parametrize("secret", ["abc=def", "k=v=w", "a=b==", "p4ss=word;x"])
+@pytest.mark.parametrize("path", ["/segment", "/v1/track"])
+def test_a_bearer_token_is_the_secret_whatever_characters_it_holds(make_app, env, secret, path):
+    """werkzeug reads a Bearer value with an `=` before its end as auth
+    parameters (`k=v`) rather than a token, and so offered no secret: a
+    shared secret with an `=` inside could never authenticate by Bearer."""
+    app = make_app({**env, "SEGMENT_SHARED_SECRET": secret})
+
+    response = app.test_client().post(
+        path, json=track(), headers={"Authorization": f"Bearer {secret}"}
+    )
+
+    assert response.status_code == 200, response.json
+    assert stored(app) == 1
