@@ -174,9 +174,10 @@ def authenticate(
     `header_secret` is what the Authorization header offered, already known to
     be an accepted secret (a wrong one is refused before the body is read).
     A top-level `writeKey` must agree with it when both are sent; without the
-    header, a `writeKey` equal to a secret authenticates on its own. X-Signature
-    is checked over the body as decompressed (the JSON text Segment signs), so
-    a proxy compressing or decompressing on the way does not break it.
+    header, a `writeKey` equal to a secret authenticates on its own, with or
+    without a signature beside it. X-Signature is checked over the body as
+    decompressed (the JSON text Segment signs), so a proxy compressing or
+    decompressing on the way does not break it.
     """
     body = document.value if isinstance(document, Document) else None
     has_write_key = isinstance(body, dict) and WRITE_KEY in body
@@ -186,11 +187,14 @@ def authenticate(
         if has_write_key and matching_secret(given_key, [header_secret]) is None:
             return _why("writeKey in the body and the Authorization header differ")
         return Credential.SECRET
+    # The secret itself before a signature: a body that carries it is not
+    # authenticated by X-Signature alone, so the signature's limits (one
+    # message, a recent timestamp) are not its own.
+    if has_write_key and matching_secret(given_key, secrets) is not None:
+        return Credential.SECRET
     if signature and signature_ok(raw, signature, secrets):
         return Credential.SIGNATURE
     if has_write_key:
-        if matching_secret(given_key, secrets) is not None:
-            return Credential.SECRET
         return _why("writeKey in the body is not the shared secret")
     if signature:
         return _why("X-Signature is not the HMAC-SHA1 of the body with the shared secret")

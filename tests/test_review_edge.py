@@ -5,6 +5,7 @@ stored."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -12,6 +13,7 @@ import pytest
 
 from service.directions import SEGMENT_TO_VERO
 from service.runtime import get_runtime
+from tests.support import sign
 
 SECRET = "review-shared-secret"
 HOOK_TOKEN = "review-hook-token"
@@ -71,3 +73,32 @@ def test_a_bearer_token_is_the_secret_whatever_characters_it_holds(make_app, env
 
     assert response.status_code == 200, response.json
     assert stored(app) == 1
+
+
+# -- writeKey beside X-Signature -----------------------------------------------
+
+
+def test_a_write_key_equal_to_the_secret_is_not_held_to_the_limits_of_a_signature(app, client):
+    """X-Signature's limits (one message, a recent timestamp) are for bodies
+    it authenticates alone; a body that also carries the secret itself as
+    writeKey is authenticated by the secret, signed or not."""
+    batch = json.dumps({"batch": [track("One"), track("Two")], "writeKey": SECRET}).encode()
+    old = json.dumps({**track("Backfill", timestamp="2020-01-01T00:00:00Z"), "writeKey": SECRET})
+
+    answers = [
+        client.post("/v1/batch", data=batch, headers={"X-Signature": sign(batch, SECRET)}),
+        client.post("/v1/track", data=old, headers={"X-Signature": sign(old.encode(), SECRET)}),
+    ]
+
+    assert [answer.status_code for answer in answers] == [200, 200]
+    assert [answer.json["accepted"] for answer in answers] == [2, 1]
+
+
+def test_a_wrong_write_key_beside_a_signature_still_leaves_the_signature_its_limits(app, client):
+    raw = json.dumps({"batch": [track("One"), track("Two")], "writeKey": "not-it"}).encode()
+
+    response = client.post("/v1/batch", data=raw, headers={"X-Signature": sign(raw, SECRET)})
+
+    assert response.status_code == 401
+    assert "Authorization header" in response.json["error"]
+    assert stored(app) == 0
