@@ -184,7 +184,10 @@ def authenticate(
     write_key = body.get(WRITE_KEY) if isinstance(body, dict) else None
     given_key = write_key if isinstance(write_key, str) else None
     if header_secret is not None:
-        if has_write_key and matching_secret(given_key, [header_secret]) is None:
+        # A null writeKey is how serializers that write every field (Newtonsoft,
+        # Gson with nulls, Ruby's to_json) send one they have no value for: not
+        # a second credential. Alone it is still no credential (below).
+        if write_key is not None and matching_secret(given_key, [header_secret]) is None:
             return _why("writeKey in the body and the Authorization header differ")
         return Credential.SECRET
     # The secret itself before a signature: a body that carries it is not

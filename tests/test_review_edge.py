@@ -13,7 +13,7 @@ import pytest
 
 from service.directions import SEGMENT_TO_VERO
 from service.runtime import get_runtime
-from tests.support import sign
+from tests.support import basic_auth, sign
 
 SECRET = "review-shared-secret"
 HOOK_TOKEN = "review-hook-token"
@@ -101,4 +101,29 @@ def test_a_wrong_write_key_beside_a_signature_still_leaves_the_signature_its_lim
 
     assert response.status_code == 401
     assert "Authorization header" in response.json["error"]
+    assert stored(app) == 0
+
+
+# -- writeKey: null beside an Authorization header ------------------------------
+
+
+@pytest.mark.parametrize(
+    "header", [basic_auth(SECRET), f"Bearer {SECRET}"], ids=["basic", "bearer"]
+)
+def test_a_null_write_key_beside_the_header_is_no_second_credential(app, client, header):
+    """Serializers that write every field (Newtonsoft, Gson with nulls, Ruby's
+    to_json of nil) send `"writeKey": null` for one they have no value for;
+    Segment's API goes by the header then."""
+    body = {"batch": [track()], "writeKey": None}
+
+    response = client.post("/v1/import", json=body, headers={"Authorization": header})
+
+    assert response.status_code == 200, response.json
+    assert stored(app) == 1
+
+
+def test_a_null_write_key_alone_is_still_no_credential(app, client):
+    response = client.post("/v1/batch", json={"batch": [track()], "writeKey": None})
+
+    assert response.status_code == 401
     assert stored(app) == 0
