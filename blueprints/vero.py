@@ -41,7 +41,10 @@ _JSON_STARTS = ("{", "[")
 MAX_NESTING = 32
 
 
+# A trailing slash is served too, without a redirect (it would echo the token
+# in its Location, and clients do not follow one on POST).
 @bp.post("/vero/webhooks/<token>")
+@bp.post("/vero/webhooks/<token>/")
 def webhook(token: str):
     config = get_runtime().config
     if not config.segment_enabled:

@@ -11,8 +11,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from service.directions import SEGMENT_TO_VERO
+from service.directions import SEGMENT_TO_VERO, VERO_TO_SEGMENT
 from service.runtime import get_runtime
+from tests.direction_b_samples import EXAMPLE
 from tests.support import basic_auth, sign
 
 SECRET = "review-shared-secret"
@@ -127,3 +128,17 @@ def test_a_null_write_key_alone_is_still_no_credential(app, client):
 
     assert response.status_code == 401
     assert stored(app) == 0
+
+
+# -- direction B: the webhook URL --------------------------------------------------
+
+
+def test_a_trailing_slash_on_the_webhook_url_is_served_without_a_redirect(app, client):
+    """docs/service-decisions.md: a trailing slash is served on every route."""
+    good = client.post(f"/vero/webhooks/{HOOK_TOKEN}/", json=EXAMPLE)
+    wrong = client.post("/vero/webhooks/not-the-token/", json=EXAMPLE)
+
+    assert good.status_code == 200, good.json
+    assert good.json["accepted"] == 1
+    assert wrong.status_code == 401
+    assert stored(app, VERO_TO_SEGMENT) == 1
