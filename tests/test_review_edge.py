@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime, timedelta
+from urllib.parse import quote_plus, urlencode
 
 import pytest
 
@@ -142,3 +143,30 @@ def test_a_trailing_slash_on_the_webhook_url_is_served_without_a_redirect(app, c
     assert good.json["accepted"] == 1
     assert wrong.status_code == 401
     assert stored(app, VERO_TO_SEGMENT) == 1
+
+
+# -- direction B: URL-encoded bodies -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda text: quote_plus(text),
+        lambda text: urlencode({"payload": text}),
+    ],
+    ids=["whole body", "form field"],
+)
+@pytest.mark.parametrize("shape", ["single", "array"])
+def test_a_url_encoded_webhook_with_a_byte_order_mark_is_read(app, client, encode, shape):
+    """A body that starts with a byte-order mark is read as JSON; the same
+    body URL-encoded by a proxy carries the mark percent-encoded (%EF%BB%BF)."""
+    webhook = EXAMPLE if shape == "single" else [EXAMPLE]
+
+    response = client.post(
+        f"/vero/webhooks/{HOOK_TOKEN}",
+        data=encode("\ufeff" + json.dumps(webhook)),
+        content_type="application/x-www-form-urlencoded",
+    )
+
+    assert response.status_code == 200, response.json
+    assert (response.json["accepted"], response.json["rejected"]) == (1, [])
