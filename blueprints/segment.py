@@ -270,7 +270,7 @@ def signature_ok(raw_body: bytes, header: str | None, secrets: Sequence[str]) ->
 def _first_element_text(raw_body: bytes) -> bytes | None:
     """The bytes of element 0 of a JSON array body, exactly as sent."""
     try:
-        text = raw_body.decode("utf-8")
+        text = jsonbody.without_bom(raw_body.decode("utf-8"))
     except UnicodeDecodeError:
         return None
     start = _skip_json_whitespace(text, 0)

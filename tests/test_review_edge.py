@@ -170,3 +170,30 @@ def test_a_url_encoded_webhook_with_a_byte_order_mark_is_read(app, client, encod
 
     assert response.status_code == 200, response.json
     assert (response.json["accepted"], response.json["rejected"]) == (1, [])
+
+
+# -- X-Signature on an array behind a byte-order mark ------------------------------
+
+
+def test_a_one_element_array_behind_a_byte_order_mark_is_signed_on_its_element(app, client):
+    """The body is read as JSON after a byte-order mark, so its one element's
+    exact text is the same with or without one."""
+    element = json.dumps(track("Marked")).encode()
+    body = b"\xef\xbb\xbf[" + element + b"]"
+
+    response = client.post("/segment", data=body, headers={"X-Signature": sign(element, SECRET)})
+
+    assert response.status_code == 200, response.json
+    assert response.json["accepted"] == 1
+
+
+def test_a_longer_array_behind_a_byte_order_mark_is_still_refused(app, client):
+    element = json.dumps(track("Genuine")).encode()
+    forged = json.dumps({"type": "delete", "userId": "vip"}).encode()
+    body = b"\xef\xbb\xbf[" + element + b"," + forged + b"]"
+
+    response = client.post("/v1/batch", data=body, headers={"X-Signature": sign(element, SECRET)})
+
+    assert response.status_code == 401
+    assert "Authorization header" in response.json["error"]
+    assert stored(app) == 0
