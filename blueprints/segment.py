@@ -151,13 +151,14 @@ def authorization_secret(header: str | None) -> str | None:
     """
     if header is None or not header.strip():
         return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        # The whole value is the token: werkzeug would read one with an "="
+        # before its end as auth parameters ("k=v") and offer no token.
+        return value.strip()
     parsed = Authorization.from_header(header.strip())
-    if parsed is None:
-        return ""
-    if parsed.type == "basic":
+    if parsed is not None and parsed.type == "basic":
         return parsed.username or ""
-    if parsed.type == "bearer":
-        return (parsed.token or "").strip()
     return ""
 
 
@@ -173,23 +174,30 @@ def authenticate(
     `header_secret` is what the Authorization header offered, already known to
     be an accepted secret (a wrong one is refused before the body is read).
     A top-level `writeKey` must agree with it when both are sent; without the
-    header, a `writeKey` equal to a secret authenticates on its own. X-Signature
-    is checked over the body as decompressed (the JSON text Segment signs), so
-    a proxy compressing or decompressing on the way does not break it.
+    header, a `writeKey` equal to a secret authenticates on its own, with or
+    without a signature beside it. X-Signature is checked over the body as
+    decompressed (the JSON text Segment signs), so a proxy compressing or
+    decompressing on the way does not break it.
     """
     body = document.value if isinstance(document, Document) else None
     has_write_key = isinstance(body, dict) and WRITE_KEY in body
     write_key = body.get(WRITE_KEY) if isinstance(body, dict) else None
     given_key = write_key if isinstance(write_key, str) else None
     if header_secret is not None:
-        if has_write_key and matching_secret(given_key, [header_secret]) is None:
+        # A null writeKey is how serializers that write every field (Newtonsoft,
+        # Gson with nulls, Ruby's to_json) send one they have no value for: not
+        # a second credential. Alone it is still no credential (below).
+        if write_key is not None and matching_secret(given_key, [header_secret]) is None:
             return _why("writeKey in the body and the Authorization header differ")
+        return Credential.SECRET
+    # The secret itself before a signature: a body that carries it is not
+    # authenticated by X-Signature alone, so the signature's limits (one
+    # message, a recent timestamp) are not its own.
+    if has_write_key and matching_secret(given_key, secrets) is not None:
         return Credential.SECRET
     if signature and signature_ok(raw, signature, secrets):
         return Credential.SIGNATURE
     if has_write_key:
-        if matching_secret(given_key, secrets) is not None:
-            return Credential.SECRET
         return _why("writeKey in the body is not the shared secret")
     if signature:
         return _why("X-Signature is not the HMAC-SHA1 of the body with the shared secret")
@@ -262,7 +270,7 @@ def signature_ok(raw_body: bytes, header: str | None, secrets: Sequence[str]) ->
 def _first_element_text(raw_body: bytes) -> bytes | None:
     """The bytes of element 0 of a JSON array body, exactly as sent."""
     try:
-        text = raw_body.decode("utf-8")
+        text = jsonbody.without_bom(raw_body.decode("utf-8"))
     except UnicodeDecodeError:
         return None
     start = _skip_json_whitespace(text, 0)

@@ -41,7 +41,10 @@ _JSON_STARTS = ("{", "[")
 MAX_NESTING = 32
 
 
+# A trailing slash is served too, without a redirect (it would echo the token
+# in its Location, and clients do not follow one on POST).
 @bp.post("/vero/webhooks/<token>")
+@bp.post("/vero/webhooks/<token>/")
 def webhook(token: str):
     config = get_runtime().config
     if not config.segment_enabled:
@@ -112,7 +115,7 @@ def parse_body(raw: bytes, content_type: str | None) -> Messages | Reject:
 
 def _url_decoded_json(text: str, content_type: str | None) -> str | Reject:
     try:
-        whole = unquote_plus(text, errors="strict").strip()
+        whole = _decoded_text(unquote_plus(text, errors="strict"))
         if whole.startswith(_JSON_STARTS):
             return whole
         form = parse_qsl(text, keep_blank_values=True, errors="strict")
@@ -120,7 +123,8 @@ def _url_decoded_json(text: str, content_type: str | None) -> str | Reject:
         return Reject("URL-encoded body is not valid UTF-8", "bad_encoding")
     except ValueError as error:
         return Reject(f"body is not JSON and not a valid form: {error}", "bad_json")
-    holding_json = [value.strip() for _, value in form if value.strip().startswith(_JSON_STARTS)]
+    values = [_decoded_text(value) for _, value in form]
+    holding_json = [value for value in values if value.startswith(_JSON_STARTS)]
     if len(holding_json) == 1:
         return holding_json[0]
     if len(holding_json) > 1:
@@ -128,6 +132,12 @@ def _url_decoded_json(text: str, content_type: str | None) -> str | Reject:
     if _is_json(text):
         return text  # a JSON scalar: let the JSON reader say it is not an object
     return Reject(_not_json_error(content_type), "bad_json")
+
+
+def _decoded_text(text: str) -> str:
+    """URL-decoded text as the JSON reader takes a body: without a byte-order
+    mark or surrounding whitespace."""
+    return jsonbody.without_bom(text.strip()).strip()
 
 
 def _is_json(text: str) -> bool:

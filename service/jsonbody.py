@@ -70,11 +70,16 @@ def decode(raw: bytes) -> str | Reject:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         return Reject(f"body is not valid UTF-8 (byte {error.start})", "bad_encoding")
-    # A byte-order mark is not JSON, but some Windows tools add one.
-    text = text.removeprefix("\ufeff")
+    text = without_bom(text)
     if not text.strip():
         return Reject("body is empty", "empty_body")
     return text
+
+
+def without_bom(text: str) -> str:
+    """The text without a leading byte-order mark: not JSON, but some Windows
+    tools add one (and a proxy URL-encoding such a body keeps it, as %EF%BB%BF)."""
+    return text.removeprefix("\ufeff")
 
 
 def parse(raw: bytes, max_nesting: int = MAX_NESTING) -> Document | Reject:

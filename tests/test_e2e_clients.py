@@ -483,3 +483,75 @@ def test_a_wrong_write_key_is_refused_whichever_way_it_is_sent(service, vero):
         assert answer.status_code == 401
         assert set(answer.json()) == {"error", "code", "message"}
     assert events_for(vero, user) == []
+
+
+# ---------------------------------------------------------------------------
+# Combinations the rows above do not cover
+
+
+def test_analytics_java_with_the_key_in_the_body_and_its_gzip_interceptor(service, vero):
+    """analytics-java 3.4-3.5 (writeKey only, no Authorization) with the
+    documented gzip interceptor: OkHttp streams the gzip body chunked, so the
+    key is only known once the body is inflated."""
+    user = f"java-key-gzip-{uuid.uuid4().hex[:6]}"
+    java = {"name": "analytics-java", "version": "3.5.4"}
+    body = gzip.compress(
+        compact(
+            {
+                "batch": pair(user, "2023-11-14T22:13:20.000Z", java),
+                "sentAt": "2023-11-14T22:13:21.000Z",
+                "context": {"library": java},
+                "sequence": 3,
+                "writeKey": SECRET,
+            }
+        )
+    )
+    # A generator body: requests sends it with Transfer-Encoding: chunked.
+    chunks = (body[start : start + 64] for start in range(0, len(body), 64))
+
+    answer = requests.post(
+        service.url + "/v1/import/",
+        data=chunks,
+        headers={
+            "Content-Type": "application/json; charset=UTF-8",
+            "Content-Encoding": "gzip",
+            "User-Agent": "analytics-java/3.5.4",
+        },
+        timeout=10,
+    )
+
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["accepted"] == 2
+    assert wait_for_user(vero, user, 2) == expected_pair()
+
+
+def test_a_batchs_top_level_context_reaches_vero_in_each_of_its_messages(service, vero):
+    """A batch envelope's context applies to each message in it (Segment's
+    batch API): analytics-ruby's shape, with the user's email only there and
+    each message's own context (its library) kept beside it."""
+    user = f"ruby-context-{uuid.uuid4().hex[:6]}"
+    ruby = {"name": "analytics-ruby", "version": "2.4.0"}
+    body = {
+        "sentAt": "2023-11-14T22:13:21.000Z",
+        "context": {"traits": {"email": "ruby.user@example.org"}},
+        "batch": pair(user, "2023-11-14T22:13:20.000Z", ruby, anonymousId=None),
+    }
+
+    answer = requests.post(
+        service.url + "/v1/import",
+        data=compact(body),
+        headers={"Content-Type": "application/json", "Authorization": basic()},
+        timeout=10,
+    )
+
+    assert answer.status_code == 200, answer.text
+    assert wait_for_user(vero, user, 2) == expected_pair()
+    emails = {
+        path: body.get("email") or body.get("identity", {}).get("email")
+        for _, path, body in vero.received()
+        if user in (body.get("id"), body.get("identity", {}).get("id"))
+    }
+    assert emails == {
+        "/users/track": "ruby.user@example.org",
+        "/events/track": "ruby.user@example.org",
+    }
