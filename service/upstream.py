@@ -8,10 +8,12 @@ loop (`service.outbox.delivery`) holds it under a lock and waits as it says.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.utils import get_environ_proxies
 
 from service.retry import congested, pause_seconds
 from service.version import NAME, VERSION
@@ -28,17 +30,47 @@ HEALTHY_SHARE = 0.5
 RATE_HORIZON_SECONDS = 2.0
 
 
-def session(pool_size: int, headers: dict[str, str] | None = None) -> requests.Session:
+def session(
+    base_url: str, pool_size: int, headers: dict[str, str] | None = None
+) -> requests.Session:
     """A Session with a connection for each call the window may keep in
     flight. It retries nothing itself: the outbox decides when to try again,
-    with backoff and limits."""
+    with backoff and limits.
+
+    The environment's proxy and CA bundle settings (HTTPS_PROXY, NO_PROXY,
+    REQUESTS_CA_BUNDLE, ...) are read once, here, for `base_url`, rather than
+    by requests on every call: reading them (and ~/.netrc) each time was a
+    quarter of a call's CPU, taken from ingest in the same process."""
     made = requests.Session()
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max(pool_size, 1), max_retries=0)
     made.mount("https://", adapter)
     made.mount("http://", adapter)
+    made.trust_env = False
+    made.proxies.update(get_environ_proxies(base_url))
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        made.verify = bundle
     made.headers["User-Agent"] = f"{NAME}/{VERSION}"
     made.headers.update(headers or {})
     return made
+
+
+def call(
+    session: requests.Session,
+    method: str,
+    url: str,
+    data: bytes,
+    timeout: tuple[float, float],
+) -> requests.Response:
+    """One request on `session`, with its headers and auth, never following a
+    redirect (it would turn a POST into a GET and drop the body). Prepared
+    here rather than by `session.request`, which merges the session's
+    settings anew for every call: a sixth of a call's CPU, for settings that
+    never change."""
+    prepared = requests.Request(
+        method, url, data=data, headers=session.headers, auth=session.auth
+    ).prepare()
+    return session.send(prepared, timeout=timeout, allow_redirects=False)
 
 
 @dataclass

@@ -355,6 +355,8 @@ class Lane:
         for unit in units:
             done.extend(zip(unit.items, self.send(unit), strict=True))
         self.settle(done)
+        with self.lock:
+            self._show()
         return len(done)
 
     # -- the threads -------------------------------------------------------------
@@ -410,6 +412,7 @@ class Lane:
             return False
         now = self.deliverer.clock.time()
         with self.lock:
+            self._show()
             room = self.room(now)
         if not room:
             return False
@@ -459,6 +462,8 @@ class Lane:
             log.warning(
                 "could not settle at shutdown: %s", exc, extra={"direction": self.direction}
             )
+        with self.lock:
+            self._show()
 
     def _spawn(self) -> None:
         """Start sender threads for queued units no idle thread will take (lock held)."""
@@ -529,13 +534,13 @@ class Lane:
                     if at > latest:
                         return None
                     ticket = window.start(at)
-                    self._show()
                     break
-                if window.paused(now) and window.paused_until > latest:
-                    # The pause outlasts what the lease allows: hand it back now.
+                paused = window.paused(now)
+                if (paused and window.paused_until > latest) or now >= latest:
+                    # The pause outlasts what the lease allows, or no time is
+                    # left to wait for a slot: hand the work back now.
                     return None
-                until = window.paused_until if window.paused(now) else latest
-                clock.wait(self.slot_free, until - now)
+                clock.wait(self.slot_free, (window.paused_until if paused else latest) - now)
         if at > now:
             clock.wait(stopping, at - now)
             if stopping.is_set():
@@ -545,8 +550,10 @@ class Lane:
 
     def end_call(self, ticket: int, status: int | None, retry_after: float | None) -> None:
         with self.lock:
+            paused_until = self.window.paused_until
             self.window.finish(ticket, status, retry_after, self.deliverer.clock.time())
-            self._show()
+            if self.window.paused_until != paused_until:
+                self._show()  # a pause is news at once; the rest waits for the round
             free = self.window.limit - self.window.in_flight
             if free > 0:
                 self.slot_free.notify(free)
@@ -554,10 +561,10 @@ class Lane:
     def abandon_call(self) -> None:
         with self.lock:
             self.window.abandon()
-            self._show()
             self.slot_free.notify()
 
     def _show(self) -> None:
+        """Publish the window (lock held): once a round, and when a pause begins."""
         hook = self.deliverer.on_window
         if hook:
             hook(self.sender.upstream, self.window)

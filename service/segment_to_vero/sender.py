@@ -67,6 +67,7 @@ class VeroSender:
         self.calls_per_second = config.vero_max_requests_per_second
         self.timeouts = TIMEOUTS
         self.session = upstream.session(
+            self.base_url,
             self.max_in_flight,
             {"Content-Type": "application/json", "Accept": "application/json"},
         )
@@ -117,14 +118,14 @@ class VeroSender:
         label = f"{call['method'].upper()} {call['path']}"
         body = {**call["body"], self.credential_name: self._credential}
         try:
-            response = self.session.request(
+            # A Vero URL that redirects is a configuration error to see: the
+            # redirect is not followed, and its status is permanent.
+            response = upstream.call(
+                self.session,
                 call["method"].upper(),
                 self.base_url + call["path"],
-                data=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-                timeout=self.timeouts,
-                # A redirect would turn a POST into a GET and drop the body;
-                # a Vero URL that redirects is a configuration error to see.
-                allow_redirects=False,
+                json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+                self.timeouts,
             )
         except requests.Timeout as exc:
             return None, Outcome(

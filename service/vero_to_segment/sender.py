@@ -246,7 +246,9 @@ class SegmentSender:
         lease = config.outbox_lease_seconds
         self.timeout = (min(5.0, lease / 6), min(15.0, lease / 3))
         self._envelope = envelope_bytes(self._write_key)
-        self.session = upstream.session(self.max_in_flight, {"Content-Type": "application/json"})
+        self.session = upstream.session(
+            self.url, self.max_in_flight, {"Content-Type": "application/json"}
+        )
         self.session.auth = (self._write_key, "")
 
     @property
@@ -319,9 +321,7 @@ class SegmentSender:
     def _post(self, messages: list[bytes]) -> Answer:
         body = batch_body(messages, sent_at(time.time()), self._write_key)
         try:
-            response = self.session.post(
-                self.url, data=body, timeout=self.timeout, allow_redirects=False
-            )
+            response = upstream.call(self.session, "POST", self.url, body, self.timeout)
         except requests.Timeout:
             log.warning("Segment did not answer in time", extra={"messages": len(messages)})
             return Answer(Outcome(RETRY, "Segment did not answer in time", "network"))
