@@ -10,7 +10,7 @@ import click
 from flask.cli import with_appcontext
 
 from service.directions import DIRECTIONS
-from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING
+from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING, StoreError
 from service.runtime import get_runtime
 
 direction_option = click.option(
@@ -104,7 +104,9 @@ def replay(ids: tuple[int, ...], everything: bool, direction: str | None):
 
 
 @outbox.command(help="Run delivery workers in the foreground until SIGTERM or Ctrl-C.")
-@click.option("--once", is_flag=True, help="Deliver what is due now, then exit.")
+@click.option(
+    "--once", is_flag=True, help="Deliver what is due now (none while paused), then exit."
+)
 @with_appcontext
 def deliver(once: bool):
     runtime = get_runtime()
@@ -112,10 +114,10 @@ def deliver(once: bool):
     if not deliverer.senders:
         raise click.ClickException("no direction is configured: nothing to deliver")
     if once:
-        total = 0
-        for direction in deliverer.senders:
-            while handled := deliverer.run_once(direction):
-                total += handled
+        try:
+            total = deliverer.drain()
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
         click.echo(f"handled {total}")
         return
     signal.signal(signal.SIGTERM, lambda *_: deliverer.request_stop())

@@ -51,7 +51,8 @@ def answer_status(outcome: Outcome) -> int | None:
 class ScriptedSender:
     """A sender whose upstream answers are scripted per key: the plug-in point
     the outbox offers, used to test the loop itself. Each item is one call;
-    an Exception in the script is raised instead of answering."""
+    an Exception in the script is raised instead of answering. The last entry
+    of a key's script answers every later attempt."""
 
     upstream = "vero"
     whole_runs = False
@@ -76,9 +77,11 @@ class ScriptedSender:
         for item in items:
             key = item.payload["key"]
             answer = self.script.get(key, [Outcome(SUCCEEDED)])
-            outcome = answer.pop(0) if len(answer) > 1 else answer[0]
-            if isinstance(outcome, Exception):
-                raise outcome
+            entry = answer.pop(0) if len(answer) > 1 else answer[0]
+            if isinstance(entry, Exception):
+                raise entry
+            # An entry is an Outcome, or (HTTP status, Outcome) to choose the status.
+            status, outcome = entry if isinstance(entry, tuple) else (answer_status(entry), entry)
             ticket = gate.begin()
             if ticket is None:
                 outcomes.append(RELEASE)
@@ -87,7 +90,7 @@ class ScriptedSender:
                 self.sent.append(key)
             if self.hold is not None:
                 self.hold.wait(10)
-            gate.end(ticket, answer_status(outcome), outcome.retry_after)
+            gate.end(ticket, status, outcome.retry_after)
             outcomes.append(outcome)
         return outcomes
 

@@ -361,3 +361,31 @@ def test_metrics_show_each_upstreams_window_calls_in_flight_and_pause(make_app):
     assert samples(text, "vero_bridge_upstream_paused_until_timestamp_seconds") == {
         "vero": pytest.approx(clock.now + 60)
     }
+
+
+def test_drain_delivers_what_is_due_on_the_lanes_then_stops(store):
+    again_now = Outcome(RETRY, "503", "5xx", retry_after=0)
+    # A 500's Retry-After is the item's alone: it pauses nothing.
+    later = (500, Outcome(RETRY, "500", "5xx", retry_after=3600))
+    sender = ScriptedSender({"m3": [again_now, Outcome(SUCCEEDED)], "m5": [later]}, max_in_flight=2)
+    deliverer = Deliverer(store, [sender], LIMITS, poll_seconds=0.05)
+    store.enqueue(A, users(10), time.time())
+
+    # Each item once, m3 twice (due again at once); m5 waits an hour.
+    assert deliverer.drain() == 11
+    assert counts(store, time.time()) == {DELIVERED: 9, PENDING: 1}
+    assert sorted(sender.sent) == sorted([f"m{n}" for n in range(10)] + ["m3"])
+    assert deliverer.stopping.is_set()
+    assert all(not thread.is_alive() for thread in deliverer.lanes[A].threads)
+
+
+def test_drain_stops_while_the_upstream_is_paused(store):
+    paused = Outcome(RETRY, "429", "4xx", retry_after=3600)
+    sender = ScriptedSender({"m0": [paused]}, max_in_flight=1)
+    deliverer = Deliverer(store, [sender], LIMITS, poll_seconds=0.05)
+    store.enqueue(A, users(3), time.time())
+
+    # Nothing more can go out now: the rest waits for the pause, and a later run.
+    assert deliverer.drain() == 1
+    assert sender.sent == ["m0"]
+    assert counts(store, time.time()) == {PENDING: 3}

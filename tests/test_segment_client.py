@@ -507,3 +507,19 @@ def test_the_timeouts_fit_inside_the_lease():
         made = SegmentSender(Config(segment_write_key=WRITE_KEY, outbox_lease_seconds=lease))
         # A request started in the first half of the lease ends inside it.
         assert made.call_seconds <= lease / 2
+
+
+def test_segment_s_reason_goes_to_the_dead_letter_and_never_to_the_log(httpserver, sender, caplog):
+    httpserver.expect_request("/v1/batch").respond_with_data(
+        '{"message": "bad email ann@example.org"}', status=403
+    )
+    caplog.set_level(logging.INFO)
+    [outcome] = send(sender, [item(1)])
+    assert "ann@example.org" in outcome.error
+    [record] = [r for r in caplog.records if r.name == "service.vero_to_segment.sender"]
+    assert (record.getMessage(), record.status, record.messages) == (
+        "Segment refused a batch",
+        403,
+        1,
+    )
+    assert "example.org" not in str(record.__dict__)

@@ -3,6 +3,7 @@ a time, and what each kind of answer turns into."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -330,3 +331,19 @@ def test_the_sender_describes_itself_to_the_delivery_loop():
     # A connection for each call the window may keep in flight.
     adapter = sender.session.get_adapter("https://api.getvero.com/api/v2")
     assert adapter._pool_maxsize == 6
+
+
+def test_vero_s_answer_goes_to_the_dead_letter_and_never_to_the_log(httpserver, caplog):
+    # An answer can echo the message's personal data.
+    httpserver.expect_request("/api/v2/users/track").respond_with_data(
+        '{"message": "u1@example.org is not a valid address"}', status=400
+    )
+    caplog.set_level(logging.INFO)
+
+    outcome = send_one(sender_for(httpserver), item([IDENTIFY]))
+
+    assert "u1@example.org is not a valid address" in outcome.error
+    [record] = [r for r in caplog.records if r.name == "service.segment_to_vero.sender"]
+    assert (record.levelname, record.getMessage()) == ("WARNING", "Vero delivery gave up")
+    assert (record.item, record.call, record.status) == (1, "POST /users/track", 400)
+    assert "example.org" not in str(record.__dict__)

@@ -258,6 +258,21 @@ class Deliverer:
             lane.start()
         log.info("delivery started", extra={"directions": sorted(self.lanes)})
 
+    def drain(self) -> int:
+        """Deliver what is due now on the lanes' threads, then stop: `outbox
+        deliver --once`. Returns how many items were settled; raises what
+        ended it early (a StoreError, or a bug), if anything did."""
+        for lane in self.lanes.values():
+            lane.start(until_idle=True)
+        for lane in self.lanes.values():
+            if lane.claimer is not None:
+                lane.claimer.join()
+        self.stop()
+        for lane in self.lanes.values():
+            if lane.error is not None:
+                raise lane.error
+        return sum(lane.settled for lane in self.lanes.values())
+
     def stop(self, timeout: float = 25.0) -> None:
         """Stop claiming; wait for work in flight to be settled or released."""
         self._stop_now()
@@ -289,6 +304,8 @@ class Lane:
         self.idle = 0
         self.threads: list[threading.Thread] = []
         self.claimer: threading.Thread | None = None
+        self.settled = 0  # items settled, for `drain`
+        self.error: Exception | None = None  # what ended a drain
 
     # -- claiming and settling -------------------------------------------------
 
@@ -331,6 +348,7 @@ class Lane:
             ],
             now,
         )
+        self.settled += len(done)
 
     def flush(self) -> None:
         """Settle what finished since the last round, in one transaction; on a
@@ -361,9 +379,12 @@ class Lane:
 
     # -- the threads -------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, until_idle: bool = False) -> None:
         self.claimer = threading.Thread(
-            target=self._claim_loop, name=f"claim-{self.direction}", daemon=True
+            target=self._claim_loop,
+            args=(until_idle,),
+            name=f"claim-{self.direction}",
+            daemon=True,
         )
         self.claimer.start()
 
@@ -385,7 +406,7 @@ class Lane:
             thread.join(max(deadline - time.monotonic(), 0))
         return not any(thread.is_alive() for thread in threads)
 
-    def _claim_loop(self) -> None:
+    def _claim_loop(self, until_idle: bool = False) -> None:
         deliverer = self.deliverer
         stopping = deliverer.stopping
         while not stopping.is_set():
@@ -394,12 +415,20 @@ class Lane:
                 more = self._round()
             except StoreError as exc:
                 log.warning("outbox unavailable: %s", exc, extra={"direction": self.direction})
+                if until_idle:
+                    self.error = exc
+                    break
                 stopping.wait(deliverer.poll_seconds * 4)
                 continue
-            except Exception:
+            except Exception as exc:
                 log.exception("delivery round failed", extra={"direction": self.direction})
+                if until_idle:
+                    self.error = exc
+                    break
                 stopping.wait(deliverer.poll_seconds * 4)
                 continue
+            if until_idle and self._idle(more):
+                break
             self._wait_for_reason(more)
             # One round per CYCLE_SECONDS at most, so that settlements and
             # claims go to the store in bulk.
@@ -424,6 +453,11 @@ class Lane:
                 self.work_ready.notify(len(units))
                 self._spawn()
         return more
+
+    def _idle(self, more: bool) -> bool:
+        """Nothing in hand and nothing due (or the upstream paused)."""
+        with self.lock:
+            return not (more or self.busy or self.finished or self.queue)
 
     def _wait_for_reason(self, more: bool) -> None:
         """Until there is something to do: work finished (to settle, and room to
