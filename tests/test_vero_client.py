@@ -344,6 +344,6 @@ def test_vero_s_answer_goes_to_the_dead_letter_and_never_to_the_log(httpserver, 
 
     assert "u1@example.org is not a valid address" in outcome.error
     [record] = [r for r in caplog.records if r.name == "service.segment_to_vero.sender"]
-    assert (record.levelname, record.getMessage()) == ("WARNING", "Vero delivery gave up")
+    assert (record.levelname, record.getMessage()) == ("WARNING", "Vero delivery failed")
     assert (record.item, record.call, record.status) == (1, "POST /users/track", 400)
     assert "example.org" not in str(record.__dict__)

@@ -178,7 +178,7 @@ class VeroSender:
         # dead letters (`outbox dead`), never to these lines.
         log.warning(
             "Vero delivery %s",
-            "will be retried" if outcome.kind == RETRY else "gave up",
+            "will be retried" if outcome.kind == RETRY else "failed",
             extra={
                 "item": item.id,
                 "attempt": item.attempts,
