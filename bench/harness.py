@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import bodies, paced, wrk
+from bench import bodies, latency, paced, wrk
 from bench.service import ROOT, Gunicorn, pending_depth, stop_all, stored_count
 from bench.standin import SEGMENT_REPLY, VERO_REPLY, StandIn
 
@@ -390,7 +390,7 @@ def deliver_a(run: Run) -> None:
     from service.config import Config
     from service.segment_to_vero.sender import VeroSender
 
-    threads = run.workers * VeroSender(Config(vero_auth_token="x")).concurrency
+    threads = run.workers * VeroSender(Config(vero_auth_token="x")).max_in_flight
     calls = standin.captured()
     requests_file = Path(standin.out_dir) / "replay.jsonl"
     requests_file.write_text("".join(json.dumps(call) + "\n" for call in calls))
@@ -432,7 +432,7 @@ def deliver_b(run: Run) -> None:
     from service.config import Config
     from service.vero_to_segment.sender import SegmentSender
 
-    threads = run.workers * SegmentSender(Config(segment_write_key="x")).concurrency
+    threads = run.workers * SegmentSender(Config(segment_write_key="x")).max_in_flight
     singles = [
         ["POST", "/v1/track", json.dumps(message)]
         for _, _, body in standin.captured()
@@ -657,6 +657,7 @@ def table(run: Run) -> str:
             f"{s['errors']} errors) | none | p99 {s['p99_ms']:.0f} ms | p99 < 250 ms | "
             f"{verdict(s['p99_ms'] < 250 and not s['missing'] and not s['errors'])} |"
         )
+    rows.extend(latency.rows(r))
     rows.append(
         f"| memory | peak RSS of the largest gunicorn worker over all service runs: "
         f"{run.peak_rss_mb:.0f} MB | none | {run.peak_rss_mb:.0f} MB | < 150 MB | "
@@ -691,6 +692,7 @@ PHASES = {
     "deliver_b": deliver_b,
     "end_to_end": end_to_end,
     "sustained": sustained,
+    **latency.PHASES,
 }
 
 

@@ -11,7 +11,7 @@ import click
 from flask.cli import with_appcontext
 
 from service.directions import DIRECTIONS
-from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING
+from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING, StoreError
 from service.runtime import get_runtime
 from service.serving import ignore_further_stops
 
@@ -108,7 +108,9 @@ def replay(ids: tuple[int, ...], everything: bool, direction: str | None):
 
 
 @outbox.command(help="Run delivery workers in the foreground until SIGTERM or Ctrl-C.")
-@click.option("--once", is_flag=True, help="Deliver what is due now, then exit.")
+@click.option(
+    "--once", is_flag=True, help="Deliver what is due now (none while paused), then exit."
+)
 @click.option(
     "--unless-in-web",
     is_flag=True,
@@ -134,10 +136,10 @@ def deliver(once: bool, unless_in_web: bool):
     if not deliverer.senders:
         raise click.ClickException("no direction is configured: nothing to deliver")
     if once:
-        total = 0
-        for direction in deliverer.senders:
-            while handled := deliverer.run_once(direction):
-                total += handled
+        try:
+            total = deliverer.drain()
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
         click.echo(f"handled {total}")
         return
     signal.signal(signal.SIGTERM, lambda *_: deliverer.request_stop())

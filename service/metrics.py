@@ -2,9 +2,11 @@
 
 Counters live in each process; under gunicorn they are shared through
 prometheus_client's multiprocess mode (gunicorn.conf.py sets its directory
-before this module is imported). Outbox gauges are not counted at all: they
-are read from the store at scrape time, so they are right whichever worker
-answers and whichever process delivered.
+before this module is imported). The upstream gauges (each process's window,
+calls in flight and pause) go through it too: summed over the live processes,
+or for the pause the latest, so a dead worker's values drop out. Outbox gauges
+are not counted at all: they are read from the store at scrape time, so they
+are right whichever worker answers and whichever process delivered.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     disable_created_metrics,
     generate_latest,
 )
@@ -41,6 +44,24 @@ REJECTED = Counter(
 )
 DELIVERIES = Counter(
     "vero_bridge_deliveries", "Delivery attempts by outcome", ["upstream", "result", "status_class"]
+)
+WINDOW = Gauge(
+    "vero_bridge_upstream_window",
+    "Calls the processes may keep in flight to the upstream now (the adaptive windows, summed)",
+    ["upstream"],
+    multiprocess_mode="livesum",
+)
+CALLS_IN_FLIGHT = Gauge(
+    "vero_bridge_upstream_calls_in_flight",
+    "Calls to the upstream started and not yet answered",
+    ["upstream"],
+    multiprocess_mode="livesum",
+)
+PAUSED_UNTIL = Gauge(
+    "vero_bridge_upstream_paused_until_timestamp_seconds",
+    "Until when calls to the upstream wait, as its Retry-After asked (in the past: not paused)",
+    ["upstream"],
+    multiprocess_mode="livemax",
 )
 
 

@@ -16,6 +16,7 @@ from service.config import Config
 from service.outbox import Store, StoreError
 from service.outbox.delivery import RELEASED, SUCCEEDED, Deliverer, Limits, Outcome, Sender
 from service.results import Result
+from service.upstream import Window
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Runtime:
             ),
             poll_seconds=config.delivery_poll_seconds,
             on_outcome=count_outcome,
+            on_window=show_window,
         )
         self._housekeeping: threading.Thread | None = None
         self.writes = health.Writes()
@@ -105,7 +107,15 @@ def default_senders(config: Config) -> list[Sender]:
 
 
 def count_outcome(sender: Sender, outcome: Outcome) -> None:
+    # A retry and a permanent failure alike are a delivery that failed; the
+    # label values are what dashboards read (SERVICE.md, "Observability").
     if outcome.kind == SUCCEEDED:
         metrics.DELIVERIES.labels(sender.upstream, "succeeded", outcome.status).inc()
     elif outcome.kind != RELEASED:
         metrics.DELIVERIES.labels(sender.upstream, "failed", outcome.status).inc()
+
+
+def show_window(upstream: str, window: Window) -> None:
+    metrics.WINDOW.labels(upstream).set(window.limit)
+    metrics.CALLS_IN_FLIGHT.labels(upstream).set(window.in_flight)
+    metrics.PAUSED_UNTIL.labels(upstream).set(window.paused_until)

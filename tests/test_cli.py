@@ -3,10 +3,10 @@
 import json
 import time
 
-from service.outbox.delivery import FAILED, Limits, Outcome, settle
+from service.outbox.delivery import PERMANENT, Limits, Outcome, settle
 from service.results import Accept
 from service.runtime import get_runtime
-from tests.test_outbox import ScriptedSender
+from tests.senders import ScriptedSender
 
 A = "segment_to_vero"
 
@@ -28,7 +28,7 @@ def seed(app, failing=("m2",)):
         [
             settle(
                 item,
-                Outcome(FAILED, "POST /users/track answered 400", "4xx")
+                Outcome(PERMANENT, "POST /users/track answered 400", "4xx")
                 if item.payload["key"] in failing
                 else Outcome("succeeded"),
                 now,

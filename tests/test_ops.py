@@ -125,7 +125,7 @@ def test_metrics_say_when_the_store_is_down(make_app, tmp_path):
 
 
 def test_metrics_count_accepted_messages_and_deliveries(make_app):
-    from tests.test_outbox import ScriptedSender
+    from tests.senders import ScriptedSender
 
     app = make_app(senders=[ScriptedSender()])
     runtime = get_runtime(app)

@@ -5,23 +5,23 @@ without waiting."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING
 from service.outbox.delivery import (
-    FAILED,
+    PERMANENT,
     RELEASE,
     RETRY,
     SUCCEEDED,
     Deliverer,
     Limits,
     Outcome,
-    backoff,
     settle,
 )
 from service.results import Accept
+from service.retry import backoff
 from tests.conftest import wait_for
+from tests.senders import ScriptedSender
 
 A = "segment_to_vero"
 B = "vero_to_segment"
@@ -134,7 +134,7 @@ def test_a_users_next_item_waits_while_the_previous_backs_off(store):
 
 def test_dead_letter_frees_the_users_next_item(store):
     store.enqueue(A, [work("m1"), work("m2")], T0)
-    finish(store, store.claim(A, 10, 30, T0), Outcome(FAILED, "400 bad data", "4xx"))
+    finish(store, store.claim(A, 10, 30, T0), Outcome(PERMANENT, "400 bad data", "4xx"))
     assert claim_keys(store) == ["m2"]
 
 
@@ -223,7 +223,9 @@ def test_a_permanent_failure_is_dead_lettered_at_once_with_its_reason(store):
     items = store.claim(A, 10, 30, T0)
     store.settle(
         [
-            settle(items[0], Outcome(FAILED, "POST /users/track answered 400", "4xx"), T0, LIMITS),
+            settle(
+                items[0], Outcome(PERMANENT, "POST /users/track answered 400", "4xx"), T0, LIMITS
+            ),
             settle(items[1], Outcome(SUCCEEDED), T0, LIMITS),
         ],
         T0,
@@ -240,7 +242,7 @@ def test_a_permanent_failure_is_dead_lettered_at_once_with_its_reason(store):
 def test_replay_puts_dead_work_back_with_fresh_attempts(store):
     store.enqueue(A, [work("m1"), work("m2", "bob")], T0)
     items = store.claim(A, 10, 30, T0)
-    finish(store, items, Outcome(FAILED, "400", "4xx"))
+    finish(store, items, Outcome(PERMANENT, "400", "4xx"))
     assert store.replay([items[1].id], None, T0 + 5) == 1
     assert claim_keys(store, T0 + 5) == ["m2"]
     assert store.replay(None, A, T0 + 6) == 1
@@ -255,7 +257,7 @@ def test_purge_removes_only_delivered_work_past_retention(store):
     store.settle(
         [
             settle(items["old"], Outcome(SUCCEEDED), T0, LIMITS),
-            settle(items["dead"], Outcome(FAILED, "400", "4xx"), T0, LIMITS),
+            settle(items["dead"], Outcome(PERMANENT, "400", "4xx"), T0, LIMITS),
         ],
         T0,
     )
@@ -284,36 +286,8 @@ def test_check_passes_on_a_writable_store(store):
 # -- the delivery loop ------------------------------------------------------------
 
 
-class ScriptedSender:
-    """A sender whose upstream answers are scripted per key: the plug-in point
-    the outbox offers, used here to test the loop itself."""
-
-    direction = A
-    upstream = "vero"
-    claim_size = 10
-    concurrency = 2
-
-    def __init__(self, script=None):
-        self.script = script or {}
-        self.sent: list[str] = []
-        self.lock = threading.Lock()
-
-    def send(self, items, stopping):
-        outcomes = []
-        for item in items:
-            key = item.payload["key"]
-            answer = self.script.get(key, [Outcome(SUCCEEDED)])
-            outcome = answer.pop(0) if len(answer) > 1 else answer[0]
-            if isinstance(outcome, Exception):
-                raise outcome
-            with self.lock:
-                self.sent.append(key)
-            outcomes.append(outcome)
-        return outcomes
-
-
 def test_run_once_claims_sends_and_settles(store):
-    sender = ScriptedSender({"m2": [Outcome(FAILED, "400", "4xx")]})
+    sender = ScriptedSender({"m2": [Outcome(PERMANENT, "400", "4xx")]})
     deliverer = Deliverer(store, [sender], LIMITS)
     store.enqueue(A, [work("m1"), work("m2", "bob"), work("m3")], time.time())
     assert deliverer.run_once(A) == 2
@@ -353,11 +327,7 @@ def test_started_workers_deliver_what_is_enqueued_and_stop_cleanly(store):
 
 
 def test_a_stopping_sender_releases_what_it_did_not_send(store):
-    class Releasing(ScriptedSender):
-        def send(self, items, stopping):
-            return [RELEASE if stopping.is_set() else Outcome(SUCCEEDED) for _ in items]
-
-    deliverer = Deliverer(store, [Releasing()], LIMITS)
+    deliverer = Deliverer(store, [ScriptedSender()], LIMITS)
     deliverer.stopping.set()
     store.enqueue(A, [work("m1")], time.time())
     deliverer.run_once(A)

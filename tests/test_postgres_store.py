@@ -20,7 +20,7 @@ import pytest
 
 from service.config import Config
 from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING, StoreError, open_store
-from service.outbox.delivery import FAILED, RELEASE, RETRY, SUCCEEDED, Limits, Outcome, settle
+from service.outbox.delivery import PERMANENT, RELEASE, RETRY, SUCCEEDED, Limits, Outcome, settle
 from service.outbox.postgres import PostgresStore
 from service.results import Accept
 from tests.conftest import wait_for, with_pg_options
@@ -141,7 +141,7 @@ def outcome_for(item) -> Outcome:
     """A fixed mix: some items fail for good, some need a second attempt."""
     number = int(item.payload["key"].split("-")[1])
     if number % 5 == 3:
-        return Outcome(FAILED, "400", "4xx")
+        return Outcome(PERMANENT, "400", "4xx")
     if number % 3 == 1 and item.attempts == 1:
         return Outcome(RETRY, "503", "5xx", retry_after=0)
     return Outcome(SUCCEEDED)

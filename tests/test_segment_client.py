@@ -14,7 +14,7 @@ from werkzeug import Response
 
 from service.config import Config
 from service.outbox import Item
-from service.outbox.delivery import FAILED, RELEASED, RETRY, SUCCEEDED
+from service.outbox.delivery import PERMANENT, RELEASED, RETRY, SUCCEEDED
 from service.vero_to_segment.mapping import MAX_MESSAGE_BYTES, encode_message
 from service.vero_to_segment.sender import (
     MAX_REQUEST_BYTES,
@@ -27,6 +27,7 @@ from service.vero_to_segment.sender import (
     retry_after_seconds,
     sent_at,
 )
+from tests.senders import FakeClock, gate
 from tests.support import basic_auth
 
 WRITE_KEY = "wk_test_3f9a1c"
@@ -76,9 +77,7 @@ def segment_url(httpserver):
 
 @pytest.fixture
 def sender(segment_url):
-    made = SegmentSender(Config(segment_write_key=WRITE_KEY, segment_api_url=segment_url))
-    yield made
-    made.close()
+    return SegmentSender(Config(segment_write_key=WRITE_KEY, segment_api_url=segment_url))
 
 
 def requests_seen(httpserver) -> list:
@@ -89,8 +88,8 @@ def batch_of(request) -> list[dict]:
     return json.loads(request.get_data())["batch"]
 
 
-def send(sender, items, stopping=None):
-    return sender.send(items, stopping or threading.Event())
+def send(sender, items, stopping=None, **gate_options):
+    return sender.send(items, gate(sender, stopping, **gate_options))
 
 
 def kinds(outcomes) -> list[str]:
@@ -159,14 +158,14 @@ def test_sent_at_is_iso_8601_utc_with_milliseconds_and_fixed_length():
         (502, RETRY, False),
         (503, RETRY, False),
         (504, RETRY, False),
-        (501, FAILED, False),
-        (505, FAILED, False),
-        (400, FAILED, True),
-        (413, FAILED, True),
-        (401, FAILED, False),
-        (403, FAILED, False),
-        (404, FAILED, False),
-        (422, FAILED, False),
+        (501, PERMANENT, False),
+        (505, PERMANENT, False),
+        (400, PERMANENT, True),
+        (413, PERMANENT, True),
+        (401, PERMANENT, False),
+        (403, PERMANENT, False),
+        (404, PERMANENT, False),
+        (422, PERMANENT, False),
         (302, RETRY, False),
     ],
 )
@@ -274,7 +273,7 @@ def test_a_message_over_32_kb_fails_alone_and_one_of_exactly_32_kb_is_sent(https
         item(2, sized(2, MAX_MESSAGE_BYTES)),
     ]
     outcomes = send(sender, items)
-    assert kinds(outcomes) == [SUCCEEDED, FAILED, SUCCEEDED]
+    assert kinds(outcomes) == [SUCCEEDED, PERMANENT, SUCCEEDED]
     assert outcomes[1].error == (
         f"the message is {MAX_MESSAGE_BYTES + 1} bytes, over Segment's limit"
         f" of {MAX_MESSAGE_BYTES} bytes per message"
@@ -295,7 +294,7 @@ def test_an_item_without_a_message_fails_without_a_request(httpserver, sender):
         lease="l",
     )
     [outcome] = send(sender, [broken])
-    assert (outcome.kind, outcome.error) == (FAILED, "the outbox item holds no Segment message")
+    assert (outcome.kind, outcome.error) == (PERMANENT, "the outbox item holds no Segment message")
     assert requests_seen(httpserver) == []
 
 
@@ -311,10 +310,10 @@ def test_an_item_without_a_message_fails_without_a_request(httpserver, sender):
         (429, RETRY),
         (500, RETRY),
         (503, RETRY),
-        (501, FAILED),
-        (505, FAILED),
-        (401, FAILED),
-        (404, FAILED),
+        (501, PERMANENT),
+        (505, PERMANENT),
+        (401, PERMANENT),
+        (404, PERMANENT),
     ],
 )
 def test_each_answer_applies_to_every_message_of_the_request(httpserver, sender, status, kind):
@@ -346,7 +345,7 @@ def test_a_400_batch_is_split_until_the_bad_message_fails_alone(httpserver, send
     httpserver.expect_request("/v1/batch").respond_with_handler(refusing("u5"))
     outcomes = send(sender, [item(n) for n in range(8)])
 
-    assert kinds(outcomes) == [SUCCEEDED] * 5 + [FAILED] + [SUCCEEDED] * 2
+    assert kinds(outcomes) == [SUCCEEDED] * 5 + [PERMANENT] + [SUCCEEDED] * 2
     assert (
         outcomes[5].error
         == 'Segment answered 400: {"success": false, "message": "Invalid messageId"}'
@@ -363,30 +362,37 @@ def test_a_400_batch_is_split_until_the_bad_message_fails_alone(httpserver, send
 def test_two_bad_messages_in_one_batch_each_fail_and_the_rest_are_delivered(httpserver, sender):
     httpserver.expect_request("/v1/batch").respond_with_handler(refusing("u0", "u6"))
     outcomes = send(sender, [item(n) for n in range(7)])
-    assert kinds(outcomes) == [FAILED] + [SUCCEEDED] * 5 + [FAILED]
+    assert kinds(outcomes) == [PERMANENT] + [SUCCEEDED] * 5 + [PERMANENT]
 
 
 def test_a_400_for_a_single_message_is_final(httpserver, sender):
     httpserver.expect_request("/v1/batch").respond_with_data("bad", status=400)
     [outcome] = send(sender, [item(1)])
     assert (outcome.kind, outcome.error, outcome.status) == (
-        FAILED,
+        PERMANENT,
         "Segment answered 400: bad",
         "4xx",
     )
     assert len(requests_seen(httpserver)) == 1
 
 
-def test_429_with_retry_after_holds_the_rest_of_the_round(httpserver, sender):
+def test_429_with_retry_after_pauses_segment_and_the_rest_of_the_round_goes_back(
+    httpserver, sender
+):
     httpserver.expect_request("/v1/batch").respond_with_data(
         "slow down", status=429, headers={"Retry-After": "42"}
     )
     big = MAX_MESSAGE_BYTES - 100
     items = [item(n, sized(n, big)) for n in range(20)]  # needs two requests
-    outcomes = send(sender, items)
-    assert kinds(outcomes) == [RETRY] * 20
-    assert {outcome.retry_after for outcome in outcomes} == {42.0}
+    clock = FakeClock()
+    its_gate = gate(sender, clock=clock)
+    outcomes = sender.send(items, its_gate)
     assert len(requests_seen(httpserver)) == 1  # the second request never went
+    sent = len(batch_of(requests_seen(httpserver)[0]))
+    assert kinds(outcomes) == [RETRY] * sent + [RELEASED] * (20 - sent)
+    assert {outcome.retry_after for outcome in outcomes[:sent]} == {42.0}
+    # Every call to Segment from this process now waits as long.
+    assert its_gate.lane.window.paused_until == clock.now + 42
 
 
 def test_a_request_to_retry_ends_the_round_and_the_rest_go_back_unsent(httpserver, sender):
@@ -476,24 +482,41 @@ def test_stopping_mid_round_releases_the_requests_not_yet_sent(httpserver, sende
         assert outcome.kind == (SUCCEEDED if f"u{n}" in sent else RELEASED)
 
 
-def test_no_request_starts_after_the_send_window_so_the_lease_is_not_outlived(httpserver, sender):
+def test_no_request_starts_that_the_lease_might_not_cover(httpserver, sender):
+    clock = FakeClock()
+
     def slow(request):
-        time.sleep(0.3)
+        clock.advance(20)  # the first request takes 20 of the lease's 30 s
         return Response("{}", status=200)
 
     httpserver.expect_request("/v1/batch").respond_with_handler(slow)
-    sender.send_window = 0.1
     items = [item(n, sized(n, MAX_MESSAGE_BYTES - 100)) for n in range(20)]
-    outcomes = send(sender, items)
+    outcomes = send(sender, items, clock=clock)
     [request] = requests_seen(httpserver)
     sent = {m["userId"] for m in batch_of(request)}
-    assert sorted(kinds(outcomes)) == sorted(
-        [SUCCEEDED] * len(sent) + [RELEASED] * (20 - len(sent))
-    )
+    # The second request could last 15 s more (its timeouts): past the lease.
+    assert sender.call_seconds == 15
+    assert kinds(outcomes) == [SUCCEEDED] * len(sent) + [RELEASED] * (20 - len(sent))
 
 
-def test_the_timeouts_and_window_fit_inside_the_lease():
+def test_the_timeouts_fit_inside_the_lease():
     for lease in (1.0, 30.0, 300.0):
         made = SegmentSender(Config(segment_write_key=WRITE_KEY, outbox_lease_seconds=lease))
-        connect, read = made.timeout
-        assert made.send_window + connect + read < lease
+        # A request started in the first half of the lease ends inside it.
+        assert made.call_seconds <= lease / 2
+
+
+def test_segment_s_reason_goes_to_the_dead_letter_and_never_to_the_log(httpserver, sender, caplog):
+    httpserver.expect_request("/v1/batch").respond_with_data(
+        '{"message": "bad email ann@example.org"}', status=403
+    )
+    caplog.set_level(logging.INFO)
+    [outcome] = send(sender, [item(1)])
+    assert "ann@example.org" in outcome.error
+    [record] = [r for r in caplog.records if r.name == "service.vero_to_segment.sender"]
+    assert (record.getMessage(), record.status, record.messages) == (
+        "Segment refused a batch",
+        403,
+        1,
+    )
+    assert "example.org" not in str(record.__dict__)

@@ -3,6 +3,7 @@ a time, and what each kind of answer turns into."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -11,9 +12,10 @@ from werkzeug import Response
 
 from service.config import Config
 from service.outbox import Item
-from service.outbox.delivery import FAILED, RELEASE, RELEASED, RETRY, SUCCEEDED
+from service.outbox.delivery import PERMANENT, RELEASE, RELEASED, RETRY, SUCCEEDED
 from service.segment_to_vero.sender import VeroSender, retry_after_seconds
 from tests.conftest import wait_for
+from tests.senders import gate
 from tests.support import free_port
 
 TOKEN = "dG9rZW46c2VjcmV0/+bXk="  # base64-like, with the characters encoders escape
@@ -62,7 +64,7 @@ def with_token(call, name="auth_token", value=TOKEN):
 
 
 def send_one(sender, one):
-    return sender.send([one], threading.Event())[0]
+    return sender.send([one], gate(sender))[0]
 
 
 def test_every_call_is_sent_in_order_with_the_credential_in_its_json_body(httpserver):
@@ -132,7 +134,7 @@ def test_other_answers_are_permanent_and_the_later_calls_are_not_sent(httpserver
 
     outcome = send_one(sender_for(httpserver), item([IDENTIFY, EVENT, TAGS]))
 
-    assert outcome.kind == FAILED
+    assert outcome.kind == PERMANENT
     assert outcome.progress == 0
     assert outcome.status == f"{status // 100}xx"
     assert outcome.error == (
@@ -257,11 +259,12 @@ def test_items_are_independent_one_failing_does_not_stop_the_next(httpserver):
     httpserver.expect_request("/api/v2/users/track").respond_with_handler(by_user)
     bad = {"method": "POST", "path": "/users/track", "body": {"id": "bad"}}
 
-    outcomes = sender_for(httpserver).send(
-        [item([bad], item_id=1, user="bad"), item([IDENTIFY], item_id=2)], threading.Event()
+    sender = sender_for(httpserver)
+    outcomes = sender.send(
+        [item([bad], item_id=1, user="bad"), item([IDENTIFY], item_id=2)], gate(sender)
     )
 
-    assert [outcome.kind for outcome in outcomes] == [FAILED, SUCCEEDED]
+    assert [outcome.kind for outcome in outcomes] == [PERMANENT, SUCCEEDED]
     assert received(httpserver) == [with_token(bad), with_token(IDENTIFY)]
 
 
@@ -269,7 +272,8 @@ def test_nothing_is_sent_once_stopping_is_set(httpserver):
     stopping = threading.Event()
     stopping.set()
 
-    outcomes = sender_for(httpserver).send([item([IDENTIFY]), item([EVENT], item_id=2)], stopping)
+    sender = sender_for(httpserver)
+    outcomes = sender.send([item([IDENTIFY]), item([EVENT], item_id=2)], gate(sender, stopping))
 
     assert outcomes == [RELEASE, RELEASE]
     assert received(httpserver) == []
@@ -279,10 +283,11 @@ def test_a_round_starts_no_call_its_lease_might_not_cover(httpserver):
     # With a one-second lease, a second call could outlive the claim (and be
     # sent twice by another worker); the first call is always made.
     httpserver.expect_request("/api/v2/users/track").respond_with_json({"status": 200})
-    sender = sender_for(httpserver, outbox_lease_seconds=1.0)
+    sender = sender_for(httpserver)
 
     outcomes = sender.send(
-        [item([IDENTIFY, EVENT]), item([IDENTIFY], item_id=2, user="u2")], threading.Event()
+        [item([IDENTIFY, EVENT]), item([IDENTIFY], item_id=2, user="u2")],
+        gate(sender, lease_seconds=1.0),
     )
 
     assert [(o.kind, o.progress) for o in outcomes] == [(RELEASED, 1), (RELEASED, None)]
@@ -303,7 +308,7 @@ def test_an_item_without_a_valid_call_list_is_dead_at_once(httpserver):
 
     outcome = send_one(sender_for(httpserver), broken)
 
-    assert outcome.kind == FAILED
+    assert outcome.kind == PERMANENT
     assert "no valid list of Vero calls" in outcome.error
     assert received(httpserver) == []
 
@@ -314,8 +319,31 @@ def test_the_sender_refuses_to_start_without_a_credential():
 
 
 def test_the_sender_describes_itself_to_the_delivery_loop():
-    sender = VeroSender(Config(vero_auth_token=TOKEN, delivery_threads=6))
-    assert (sender.direction, sender.upstream, sender.concurrency) == ("segment_to_vero", "vero", 6)
-    assert 1 <= sender.claim_size <= 64
+    sender = VeroSender(
+        Config(vero_auth_token=TOKEN, delivery_max_in_flight=6, vero_max_requests_per_second=20)
+    )
+    assert (sender.direction, sender.upstream, sender.max_in_flight) == (
+        "segment_to_vero",
+        "vero",
+        6,
+    )
+    assert (sender.items_per_call, sender.calls_per_second, sender.call_seconds) == (1, 20, 13.05)
+    # A connection for each call the window may keep in flight.
     adapter = sender.session.get_adapter("https://api.getvero.com/api/v2")
     assert adapter._pool_maxsize == 6
+
+
+def test_vero_s_answer_goes_to_the_dead_letter_and_never_to_the_log(httpserver, caplog):
+    # An answer can echo the message's personal data.
+    httpserver.expect_request("/api/v2/users/track").respond_with_data(
+        '{"message": "u1@example.org is not a valid address"}', status=400
+    )
+    caplog.set_level(logging.INFO)
+
+    outcome = send_one(sender_for(httpserver), item([IDENTIFY]))
+
+    assert "u1@example.org is not a valid address" in outcome.error
+    [record] = [r for r in caplog.records if r.name == "service.segment_to_vero.sender"]
+    assert (record.levelname, record.getMessage()) == ("WARNING", "Vero delivery failed")
+    assert (record.item, record.call, record.status) == (1, "POST /users/track", 400)
+    assert "example.org" not in str(record.__dict__)
