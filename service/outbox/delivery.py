@@ -349,6 +349,12 @@ class Lane:
             now,
         )
         self.settled += len(done)
+        # Counted once the store has them, so the metrics never show a
+        # delivery that the outbox still holds as pending.
+        hook = deliverer.on_outcome
+        if hook:
+            for _, outcome in done:
+                hook(self.sender, outcome)
 
     def flush(self) -> None:
         """Settle what finished since the last round, in one transaction; on a
@@ -547,10 +553,6 @@ class Lane:
             )
         finally:
             gate.close()
-        hook = self.deliverer.on_outcome
-        if hook:
-            for outcome in outcomes:
-                hook(self.sender, outcome)
         return outcomes
 
     def begin_call(self, unit: Unit, first: bool) -> int | None:
