@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -33,9 +34,13 @@ def create_app(config: Config | None = None, senders: list[Sender] | None = None
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    database_url = config.database_url or "sqlite:///" + os.path.join(
-        app.instance_path, "vero-bridge.db"
-    )
+    database_url = config.database_url
+    if not database_url:
+        # The default lives in the app's own instance folder, which only we
+        # would create; a folder named in DATABASE_URL must already exist.
+        with contextlib.suppress(OSError):  # if it cannot be made, the store says why
+            os.makedirs(app.instance_path, exist_ok=True)
+        database_url = "sqlite:///" + os.path.join(app.instance_path, "vero-bridge.db")
     store = open_store(database_url, pool_size=config.outbox_pool_size)
     if senders is None:
         senders = default_senders(config)

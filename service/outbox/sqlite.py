@@ -301,9 +301,15 @@ class SQLiteStore:
         return conn
 
     def _open(self) -> sqlite3.Connection:
+        # A missing folder is a mistake in DATABASE_URL or a volume that is
+        # not mounted: creating it would hide that, and the outbox would live
+        # where no one looks (and be lost with the container).
         directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            raise StoreError(
+                f"cannot open the SQLite outbox: the folder {directory} does not exist"
+            )
         try:
-            os.makedirs(directory, exist_ok=True)
             # Autocommit mode: transactions are opened explicitly below.
             conn = sqlite3.connect(
                 self.path, timeout=10, isolation_level=None, check_same_thread=False
