@@ -18,6 +18,10 @@ Settings beyond the URL:
 - `timeout` keyword: seconds a caller waits for a free connection while the
   server answers (default 10). While the server does not answer, callers fail
   at once with its reason, so requests get their 503 without waiting.
+- Each connection asks for `CONNECTION_DEFAULTS` (libpq: connect timeout, TCP
+  keepalives) and `SESSION_DEFAULTS` (server: statement and idle-transaction
+  timeouts) unless the URL sets them itself, e.g.
+  `?options=-c%20statement_timeout%3D60s` or `&keepalives_idle=30`.
 
 psycopg is imported here only: the SQLite default runs without the `postgres`
 extra, and `open_store` imports this module only for a PostgreSQL URL.
@@ -28,6 +32,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 import threading
 import time
 import uuid
@@ -73,6 +79,35 @@ WAIT_SLICE = 0.2
 # retrying in the background, the next caller starts a fresh attempt, so the
 # service notices a server that came back within about this long.
 RECONNECT_TIMEOUT = 30.0
+
+# libpq settings for each connection, where the URL does not set them. Without
+# a connect timeout libpq waits on a silent host as long as the operating
+# system does, minutes; without keepalives a connection whose network went
+# silent waits for an answer for as long (the kernel's default is two hours
+# before the first probe). Here a silent peer is given up on after about 25 s:
+# 10 s of silence, then three probes 5 s apart; tcp_user_timeout does the same
+# for data sent and never acknowledged.
+CONNECTION_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 25_000,  # milliseconds
+    "application_name": "vero-bridge",
+}
+# Server settings for each session, where the URL's `options` (or PGOPTIONS)
+# do not set them. Every statement of ours takes milliseconds; 15 s is far
+# beyond any of them and within a lease, so a runaway or stuck one is cut off
+# (and the server stops working on it) instead of holding a connection and its
+# locks for minutes. Replay and purge work in batches to stay far below it, and
+# the migration lifts it for itself. A transaction of ours never waits for
+# anything but the database, so one idle for 30 s belongs to a process that
+# froze or lost its network: the server ends it and releases its locks.
+SESSION_DEFAULTS = {
+    "statement_timeout": "15s",
+    "idle_in_transaction_session_timeout": "30s",
+}
 
 # Migrations by the version they lead to; each runs in the transaction that
 # records its version, under SCHEMA_LOCK.
@@ -419,7 +454,7 @@ SELECT count(*) FROM gone
 """
 
 # Replay and purge work in batches, each its own transaction, so that each
-# statement stays short and holds few locks.
+# statement stays short (see SESSION_DEFAULTS) and holds few locks.
 BATCH = 1000
 
 
@@ -447,13 +482,7 @@ class PostgresStore:
             pool_log.setLevel(logging.WARNING)
         self.timeout = timeout
         self._health = _ServerHealth()
-        kwargs: dict[str, Any] = {"autocommit": True}
-        # Without a connect timeout libpq waits on a silent host for as long
-        # as the operating system does, minutes.
-        if "connect_timeout" not in settings:
-            kwargs["connect_timeout"] = 5
-        if "application_name" not in settings:
-            kwargs["application_name"] = "vero-bridge"
+        kwargs = _connection_kwargs(settings, os.environ.get("PGOPTIONS", ""))
         self._pool = ConnectionPool(
             url,
             kwargs=kwargs,
@@ -539,6 +568,9 @@ class PostgresStore:
         # read-only server still serves reads (and check() says it is read-only).
         if _schema_version(conn) < SCHEMA_VERSION:
             with conn.transaction():
+                # A migration takes as long as the data it moves (and others
+                # wait for it): no statement timeout for this transaction.
+                conn.execute("SET LOCAL statement_timeout = 0")
                 # Several processes start at once: CREATE ... IF NOT EXISTS
                 # alone is not safe against a concurrent CREATE of the same
                 # table, so they take turns; the lock ends with the transaction.
@@ -774,6 +806,21 @@ def _deltas(deltas: Counter[tuple[str, str]]) -> dict[str, list]:
         "count_states": [str(state) for (_, state), _ in changed],
         "counts": [n for _, n in changed],
     }
+
+
+def _connection_kwargs(settings: dict[str, Any], pgoptions: str) -> dict[str, Any]:
+    """What each connection asks for beyond the URL: CONNECTION_DEFAULTS the URL
+    does not set, and SESSION_DEFAULTS its `options` do not set. (Given here,
+    `options` replaces PGOPTIONS, so that is kept as the base when the URL has
+    none.)"""
+    kwargs: dict[str, Any] = {"autocommit": True}
+    kwargs.update({k: v for k, v in CONNECTION_DEFAULTS.items() if k not in settings})
+    given = str(settings.get("options") or pgoptions)
+    named = {name.lower() for name in re.findall(r"(?:-c\s*|--)([\w.]+)\s*=", given)}
+    extra = [f"-c {name}={value}" for name, value in SESSION_DEFAULTS.items() if name not in named]
+    if extra:
+        kwargs["options"] = " ".join([given, *extra]).strip()
+    return kwargs
 
 
 def _schema_version(conn) -> int:
