@@ -315,7 +315,12 @@ class SQLiteStore:
                 self.path, timeout=10, isolation_level=None, check_same_thread=False
             )
             conn.execute("PRAGMA busy_timeout = 10000")
-            conn.execute("PRAGMA journal_mode = WAL")
+            # Turning a file to WAL needs it to itself; a process doing so
+            # while another (holding the write lock) waits for it to finish
+            # reading is a deadlock SQLite breaks by failing one of them. So
+            # it takes its turn like a write. (A no-op once the file is WAL.)
+            with self._write_lock, self._between_processes():
+                conn.execute("PRAGMA journal_mode = WAL")
             # FULL makes each commit durable across power loss, not only a
             # process crash: an acknowledged message must survive both.
             conn.execute("PRAGMA synchronous = FULL")
