@@ -110,8 +110,8 @@ ALTER TABLE outbox ADD COLUMN head INTEGER NOT NULL DEFAULT 0;
 UPDATE outbox SET head = 1 WHERE id IN (SELECT min(id) FROM outbox GROUP BY direction, order_key);
 CREATE INDEX outbox_user ON outbox (direction, order_key, id);
 CREATE INDEX outbox_heads ON outbox (direction, available_at, id) WHERE head = 1;
-CREATE INDEX outbox_leased ON outbox (direction, available_at) WHERE lease IS NOT NULL;
-CREATE INDEX outbox_age ON outbox (direction, created_at);
+-- The oldest unfinished item of a direction is some user's head.
+CREATE INDEX outbox_age ON outbox (direction, created_at) WHERE head = 1;
 CREATE INDEX outbox_history_delivered ON outbox_history (updated_at) WHERE state = 'delivered';
 CREATE INDEX outbox_history_dead ON outbox_history (id) WHERE state = 'dead';
 CREATE TABLE outbox_counts (
@@ -124,6 +124,17 @@ INSERT INTO outbox_counts (direction, state, n)
     SELECT direction, 'pending', count(*) FROM outbox GROUP BY direction
     UNION ALL
     SELECT direction, state, count(*) FROM outbox_history GROUP BY direction, state;
+-- One row per claim: how many of its items are still out, and until when. In
+-- flight is the sum over unexpired leases, read without touching outbox.
+CREATE TABLE outbox_leases (
+    lease     TEXT    PRIMARY KEY,
+    direction TEXT    NOT NULL,
+    until     REAL    NOT NULL,
+    n         INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO outbox_leases (lease, direction, until, n)
+    SELECT lease, direction, max(available_at), count(*) FROM outbox
+    WHERE lease IS NOT NULL GROUP BY lease, direction;
 """,
 }
 
@@ -212,15 +223,15 @@ ON CONFLICT (direction, state) DO UPDATE SET n = n + excluded.n
 COUNTS = """
 SELECT direction, state, n FROM outbox_counts WHERE n != 0
 UNION ALL
-SELECT direction, :in_flight, count(*) FROM outbox INDEXED BY outbox_leased
-WHERE lease IS NOT NULL AND available_at > :now
+SELECT direction, :in_flight, sum(n) FROM outbox_leases
+WHERE until > :now AND n > 0
 GROUP BY direction
 """
 
 OLDEST = """
 SELECT c.direction,
        (SELECT min(created_at) FROM outbox INDEXED BY outbox_age
-        WHERE outbox.direction = c.direction)
+        WHERE outbox.direction = c.direction AND head = 1)
 FROM (SELECT DISTINCT direction FROM outbox_counts) AS c
 """
 
@@ -473,6 +484,13 @@ class SQLiteStore:
                         "lease_until": now + lease_seconds,
                     },
                 ).fetchall()
+            # The claim's lease, for counts; and leases that ran out, forgotten.
+            conn.execute("DELETE FROM outbox_leases WHERE until <= ? OR n <= 0", (now,))
+            if rows:
+                conn.execute(
+                    "INSERT INTO outbox_leases (lease, direction, until, n) VALUES (?, ?, ?, ?)",
+                    (lease, direction, now + lease_seconds, len(rows)),
+                )
         return claimed_items(rows, direction, lease)
 
     def settle(self, settlements: Sequence[Settlement], now: float) -> None:
@@ -509,11 +527,15 @@ class SQLiteStore:
                 moved[row[2], PENDING] -= 1
                 moved[row[2], s.state] += 1
             _count(conn, moved)
+            conn.executemany(
+                "UPDATE outbox_leases SET n = n - ? WHERE lease = ?",
+                [(n, lease) for lease, n in Counter(s.item.lease for _, s in held).items()],
+            )
 
     def counts(self, now: float) -> dict[tuple[str, str], int]:
-        """From outbox_counts and the leases (in flight is what pending work
-        holds an unexpired lease): one statement, so one snapshot, and no row
-        of history is counted."""
+        """From outbox_counts and outbox_leases (in flight is pending work
+        under an unexpired lease): one statement, so one snapshot, a few rows
+        read, none of them items."""
         counts: dict[tuple[str, str], int] = {}
         for direction, state, n in self._read(COUNTS, {"in_flight": IN_FLIGHT, "now": now}):
             counts[direction, state] = n
