@@ -3,8 +3,8 @@
 Semantics are those of `SQLiteStore`, item for item, and so is the layout
 (schema version 2): `outbox` holds unfinished work, each user's oldest item
 there marked as its head; claims read `outbox_heads`, an index over heads
-alone; delivered and dead work lives in `outbox_history`; `outbox_counts`
-keeps the numbers `counts` shows. What differs is that SQLite serialises every
+alone; delivered and dead work lives in `outbox_history`; `outbox_counts` and
+`outbox_leases` keep the numbers `counts` shows. What differs is that SQLite serialises every
 writer, while here web processes, delivery threads and `outbox deliver`
 processes on several machines write at once. The comments on `CLAIM`,
 `CLAIM_RUNS` and `_lock_users` explain why one user's work still goes out one

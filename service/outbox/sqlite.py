@@ -12,7 +12,8 @@ The layout (schema version 2, the same as PostgreSQL's; docs/service-decisions.m
   `outbox dead` and `replay` need. Claims never read it, and purging it never
   touches `outbox`.
 - `outbox_counts` keeps the number of items per direction and state, changed
-  in the transaction that moves them, so `counts` reads a few rows.
+  in the transaction that moves them, and `outbox_leases` one row per claim
+  (items still out, until when), so `counts` reads a few rows.
 
 Every query that has an index to use names it (INDEXED BY), so its plan cannot
 depend on whether, or when, ANALYZE ran.
