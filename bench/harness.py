@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import bodies, latency, paced, wrk
+from bench import backlog, bodies, latency, paced, wrk
 from bench.service import ROOT, Gunicorn, pending_depth, stop_all, stored_count
 from bench.standin import SEGMENT_REPLY, VERO_REPLY, StandIn
 
@@ -680,6 +680,7 @@ def table(run: Run) -> str:
             f"{'bounded' if bounded else 'grew'}, {'drained' if s['drained'] else 'NOT drained'} | "
             f"no errors, depth bounded, nothing lost | {verdict(ok and bounded)} |"
         )
+    rows += backlog.rows(r.get("backlog", {}))
     return "\n".join(rows)
 
 
@@ -693,6 +694,7 @@ PHASES = {
     "end_to_end": end_to_end,
     "sustained": sustained,
     **latency.PHASES,
+    "backlog": backlog.phase,
 }
 
 
@@ -703,8 +705,10 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="py-spy the workers into bench/out/profile"
     )
     parser.add_argument("--only", nargs="+", choices=list(PHASES), help="run only these phases")
+    parser.add_argument("--skip-million", action="store_true", help="backlog rows up to 100,000")
     args = parser.parse_args(argv)
     run = Run(QUICK if args.quick else FULL, args.profile)
+    run.skip_million = args.skip_million or args.quick  # type: ignore[attr-defined]
     OUT.mkdir(parents=True, exist_ok=True)
     if args.profile:
         shutil.rmtree(OUT / "profile", ignore_errors=True)

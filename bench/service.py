@@ -127,9 +127,9 @@ def pending_depth(db_path: str) -> dict[str, int]:
         return {}
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     try:
-        rows = conn.execute(
-            "SELECT direction, count(*) FROM outbox WHERE state = 'pending' GROUP BY direction"
-        ).fetchall()
+        # The outbox table holds unfinished work only (delivered and dead work
+        # is in outbox_history).
+        rows = conn.execute("SELECT direction, count(*) FROM outbox GROUP BY direction").fetchall()
     except sqlite3.Error:
         return {}
     finally:
@@ -141,7 +141,9 @@ def stored_count(db_path: str, direction: str) -> int:
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     try:
         return conn.execute(
-            "SELECT count(*) FROM outbox WHERE direction = ?", (direction,)
+            "SELECT (SELECT count(*) FROM outbox WHERE direction = :d)"
+            " + (SELECT count(*) FROM outbox_history WHERE direction = :d)",
+            {"d": direction},
         ).fetchone()[0]
     finally:
         conn.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -41,12 +42,13 @@ def create_app(config: Config | None = None, senders: list[Sender] | None = None
     # Repeated slashes are merged here rather than answered with Werkzeug's
     # redirect, whose Location (and body) would repeat a webhook token.
     app.wsgi_app = _merged_slashes(app.wsgi_app)  # type: ignore[method-assign]
-    if config.database_url is None:
-        # The default, documented store: its folder is ours to make.
-        os.makedirs(app.instance_path, exist_ok=True)
-    database_url = config.database_url or "sqlite:///" + os.path.join(
-        app.instance_path, "vero-bridge.db"
-    )
+    database_url = config.database_url
+    if not database_url:
+        # The default lives in the app's own instance folder, which only we
+        # would create; a folder named in DATABASE_URL must already exist.
+        with contextlib.suppress(OSError):  # if it cannot be made, the store says why
+            os.makedirs(app.instance_path, exist_ok=True)
+        database_url = "sqlite:///" + os.path.join(app.instance_path, "vero-bridge.db")
     store = open_store(database_url, pool_size=config.outbox_pool_size)
     if senders is None:
         senders = default_senders(config)

@@ -21,7 +21,7 @@ import pytest
 from service.config import Config
 from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING, StoreError, open_store
 from service.outbox.delivery import PERMANENT, RELEASE, RETRY, SUCCEEDED, Limits, Outcome, settle
-from service.outbox.postgres import PostgresStore
+from service.outbox.postgres import SCHEMA_VERSION, PostgresStore
 from service.results import Accept
 from tests.conftest import wait_for, with_pg_options
 
@@ -323,12 +323,12 @@ def test_stores_starting_at_once_in_threads_create_the_schema_once(postgres_url)
     finally:
         for store in opened:
             store.close()
-    assert schema_version_rows(postgres_url) == [(1,)]
+    assert schema_version_rows(postgres_url) == [(SCHEMA_VERSION,)]
 
 
 STARTER = """
 import sys, time
-from service.outbox.postgres import PostgresStore
+from service.outbox.postgres import SCHEMA_VERSION, PostgresStore
 url, start_at = sys.argv[1], float(sys.argv[2])
 store = PostgresStore(url)
 time.sleep(max(start_at - time.time(), 0))  # all processes begin together
@@ -350,7 +350,7 @@ def test_processes_starting_at_once_create_the_schema_once(postgres_url):
     ]
     errors = [process.communicate(timeout=60)[1] for process in processes]
     assert [process.returncode for process in processes] == [0] * 6, errors
-    assert schema_version_rows(postgres_url) == [(1,)]
+    assert schema_version_rows(postgres_url) == [(SCHEMA_VERSION,)]
 
 
 # -- configuration and failures -------------------------------------------------

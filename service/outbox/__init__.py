@@ -1,10 +1,10 @@
 """The durable outbox: accepted work waits here until its upstream has it.
 
-A store keeps items in one of three states: `pending` (waiting, or claimed by a
-worker under a lease), `delivered` (kept for de-duplication until purged) and
-`dead` (gave up; an operator may replay it). The SQLite and PostgreSQL stores
-implement the same small set of methods (see `Store`), so nothing above this
-package knows which one it talks to.
+A store keeps items in one of three states (see `State`): pending (waiting, or
+claimed by a worker under a lease), delivered (kept for de-duplication until
+purged) and dead (gave up; an operator may replay it). The SQLite and
+PostgreSQL stores implement the same small set of methods (see `Store`), so
+nothing above this package knows which one it talks to.
 """
 
 from __future__ import annotations
@@ -12,13 +12,22 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 from service.results import Accept
 
-PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
-# Not a stored state: pending items whose lease has not run out.
-IN_FLIGHT = "in_flight"
+
+class State(StrEnum):
+    PENDING = "pending"  # waiting, or claimed by a worker under a lease
+    DELIVERED = "delivered"
+    DEAD = "dead"
+    # Not a stored state: pending items whose lease has not run out.
+    IN_FLIGHT = "in_flight"
+
+
+# The names the rest of the service imports.
+PENDING, DELIVERED, DEAD, IN_FLIGHT = State.PENDING, State.DELIVERED, State.DEAD, State.IN_FLIGHT
 
 
 class StoreError(RuntimeError):
@@ -64,7 +73,7 @@ class Settlement:
     """What becomes of a claimed item after a delivery attempt."""
 
     item: Item
-    state: str
+    state: str  # a stored State: PENDING, DELIVERED or DEAD
     available_at: float
     error: str | None
     progress: int
