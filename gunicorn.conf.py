@@ -120,7 +120,11 @@ def worker_exit(server, worker):
 
     wsgi = getattr(worker, "wsgi", None)
     if wsgi is not None:
-        get_runtime(wsgi).stop_delivery(timeout=20)
+        runtime = get_runtime(wsgi)
+        runtime.stop_delivery(timeout=20)
+        # Now, not when the interpreter finalizes: a PostgreSQL pool left
+        # open then waits 5 s for its threads and prints two tracebacks.
+        runtime.store.close()
     serving.ignore_further_stops()
 
 
