@@ -118,6 +118,9 @@ def post_worker_init(worker):
 def worker_exit(server, worker):
     from service.runtime import get_runtime
 
+    # First: a second signal (a repeated SIGTERM, a quick stop) must not
+    # interrupt the drain and the close below.
+    serving.ignore_further_stops()
     wsgi = getattr(worker, "wsgi", None)
     if wsgi is not None:
         runtime = get_runtime(wsgi)
@@ -125,7 +128,6 @@ def worker_exit(server, worker):
         # Now, not when the interpreter finalizes: a PostgreSQL pool left
         # open then waits 5 s for its threads and prints two tracebacks.
         runtime.store.close()
-    serving.ignore_further_stops()
 
 
 def child_exit(server, worker):

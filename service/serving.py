@@ -95,10 +95,14 @@ def _alive(pid: int) -> bool:
 
 
 def ignore_further_stops() -> None:
-    """For a process that is exiting already: Python restores the default
+    """For a process that is exiting already. Python restores the default
     action of signals it handled while it finalizes, so a platform's repeated
-    SIGTERM arriving then would turn a clean exit into death by signal."""
-    for stop in (signal.SIGTERM, signal.SIGINT):
+    SIGTERM arriving then would turn a clean exit into death by signal; and a
+    quick stop (SIGINT, or the SIGQUIT gunicorn's master sends after it) in
+    the middle of a worker's exit would cut its drain short and leave its
+    store open. Whoever waits still bounds the exit: gunicorn's master kills
+    a worker after graceful_timeout (2 s after a quick stop)."""
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(stop, signal.SIG_IGN)
 
 
