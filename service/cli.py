@@ -11,7 +11,7 @@ import click
 from flask.cli import ScriptInfo, with_appcontext
 
 from service.directions import DIRECTIONS
-from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING
+from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING, StoreError
 from service.runtime import get_runtime
 from service.serving import ignore_further_stops
 
@@ -22,7 +22,17 @@ direction_option = click.option(
 )
 
 
-@click.group(help="Inspect and operate the durable outbox.")
+class _OutboxGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        # An operator's command against a store that is down (or a SQLite
+        # file that cannot be opened) says why in one line, not a traceback.
+        try:
+            return super().invoke(ctx)
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_OutboxGroup, help="Inspect and operate the durable outbox.")
 @click.pass_context
 def outbox(ctx: click.Context):
     ctx.call_on_close(_close_store)
