@@ -109,10 +109,20 @@ def ignore_further_stops() -> None:
 class Worker(ThreadWorker):
     """gunicorn's threaded worker, except that the page it answers a
     malformed request with (a 400 quoting the request line or header) is
-    redacted as a log line is: the line may carry a webhook token."""
+    redacted as a log line is: the line may carry a webhook token; and that
+    a quick stop cannot block it."""
 
     def handle_error(self, req, client, addr, exc):
         super().handle_error(req, client, addr, _redacted(exc))
+
+    def handle_quit(self, sig, frame):
+        # gthread's handler shuts the thread pool down, under the pool's
+        # lock; a platform's SIGINT and the master's SIGQUIT arrive together,
+        # and the second, run inside the first while it held the lock,
+        # waited on it until the master killed the worker. Further stops
+        # are ignored first, so no handler runs inside this one.
+        ignore_further_stops()
+        super().handle_quit(sig, frame)
 
 
 def _redacted(exc: BaseException) -> BaseException:
