@@ -118,10 +118,16 @@ def post_worker_init(worker):
 def worker_exit(server, worker):
     from service.runtime import get_runtime
 
+    # First: a second signal (a repeated SIGTERM, a quick stop) must not
+    # interrupt the drain and the close below.
+    serving.ignore_further_stops()
     wsgi = getattr(worker, "wsgi", None)
     if wsgi is not None:
-        get_runtime(wsgi).stop_delivery(timeout=20)
-    serving.ignore_further_stops()
+        runtime = get_runtime(wsgi)
+        runtime.stop_delivery(timeout=20)
+        # Now, not when the interpreter finalizes: a PostgreSQL pool left
+        # open then waits 5 s for its threads and prints two tracebacks.
+        runtime.store.close()
 
 
 def child_exit(server, worker):

@@ -8,7 +8,7 @@ import signal
 import time
 
 import click
-from flask.cli import with_appcontext
+from flask.cli import ScriptInfo, with_appcontext
 
 from service.directions import DIRECTIONS
 from service.outbox import DEAD, DELIVERED, IN_FLIGHT, PENDING, StoreError
@@ -22,9 +22,30 @@ direction_option = click.option(
 )
 
 
-@click.group(help="Inspect and operate the durable outbox.")
-def outbox():
-    pass
+class _OutboxGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        # An operator's command against a store that is down (or a SQLite
+        # file that cannot be opened) says why in one line, not a traceback.
+        try:
+            return super().invoke(ctx)
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_OutboxGroup, help="Inspect and operate the durable outbox.")
+@click.pass_context
+def outbox(ctx: click.Context):
+    ctx.call_on_close(_close_store)
+
+
+def _close_store() -> None:
+    # Closed here, while the interpreter still runs: a PostgreSQL pool left
+    # for its finalization waits 5 s for its threads and then prints two
+    # tracebacks (Python 3.13) after every command.
+    # The app is loaded already (Flask loads it to find this command): this
+    # is the same one.
+    app = click.get_current_context().ensure_object(ScriptInfo).load_app()
+    get_runtime(app).store.close()
 
 
 @outbox.command(help="Counts by state and direction, and the oldest pending age.")

@@ -294,6 +294,13 @@ class _Reader:
                 _ = parts.port  # raises ValueError on a malformed port
             except ValueError:
                 raise ConfigError(f"{name}: not a valid PostgreSQL URL") from None
+            if parts.netloc.count("@") > 1:
+                # libpq ends the password at the first "@" and takes the rest
+                # for the host: it could never connect, and its messages
+                # would show the rest of the password as a host name.
+                raise ConfigError(
+                    f"{name}: the user name or password holds '@', which a URL must write as %40"
+                )
             # The "postgres://" form is what Heroku and others set.
             url = "postgresql" + value[len(scheme) :]
             _check_postgres(name, url)

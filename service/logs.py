@@ -85,7 +85,7 @@ def _steps_for(line: str, personal: bool) -> list:
     shows here as one."""
     redactor = _redactor
     steps: list = []
-    if redactor.has_secret(line) or (redactor.forms and "%" in line):
+    if redactor.may_hide_secret(line):
         steps.append(redactor.secrets)
     if _WEBHOOKS.search(line):
         steps.append(redact_webhook_paths)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import html
 import json
 import re
 from collections.abc import Iterable
@@ -17,6 +18,10 @@ from urllib.parse import quote, quote_plus, unquote
 
 REDACTED = "[redacted]"
 EMAIL = "[email]"
+
+# How many levels of escaping the redactor sees through: a body escaped
+# once in an answer, that answer quoted in another, and a URL's quoting.
+DECODE_LEVELS = 4
 
 # A shorter value is not replaced wherever it occurs: a secret of two letters
 # would turn every line into noise, and is guessed sooner than read anyway.
@@ -111,22 +116,61 @@ class Redactor:
     def has_secret(self, text: str) -> bool:
         return any(form in text for form in self.forms)
 
+    def may_hide_secret(self, text: str) -> bool:
+        """Whether `text` holds a secret, or an escape that may hide one."""
+        if not self.forms:
+            return False
+        return self.has_secret(text) or any(marker in text for marker, _ in _DECODERS)
+
     def secrets(self, text: str) -> str:
         for form in self.forms:
             if form in text:
                 text = text.replace(form, REDACTED)
-        if "%" in text:
-            # A client may quote characters a quoter would have left alone
-            # (%7E for ~, say): decoded, the secret shows; write that instead.
-            decoded = unquote(text)
-            if decoded != text and self.has_secret(decoded):
-                text = self.secrets(decoded)
+        # Encoders escape more than the spellings above foresee: a client may
+        # quote characters a quoter leaves alone (%7E for ~), Go's and Rails'
+        # JSON write & < > as \u0026 \u003c \u003e (Gson = and ' too), an
+        # answer may quote a body escaped once more, and an HTML page writes
+        # &amp;. Decoded (a level at a time, as deep as text is escaped in
+        # practice), the secret shows: write that instead. Each decoding
+        # shortens the text, so this ends.
+        decoded = text
+        for _ in range(DECODE_LEVELS):
+            before = decoded
+            for marker, decode in _DECODERS:
+                if marker in decoded:
+                    decoded = decode(decoded)
+            if decoded == before:
+                break
+            if self.has_secret(decoded):
+                return self.secrets(decoded)
         return text
 
     def everything(self, text: str, personal: bool = True) -> str:
         """Secrets, webhook tokens and (with `personal`) email addresses."""
         text = redact_webhook_paths(self.secrets(text))
         return mask_emails(text) if personal else text
+
+
+_JSON_ESCAPE = re.compile(r'\\(?:u([0-9A-Fa-f]{4})|(["\\/bfnrt]))')
+_JSON_SHORT = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _json_unescaped(text: str) -> str:
+    """`text` with one level of JSON string escapes decoded."""
+
+    def decode(match: re.Match) -> str:
+        if match.group(1):
+            return chr(int(match.group(1), 16))
+        char = match.group(2)
+        return _JSON_SHORT.get(char, char)
+
+    decoded = _JSON_ESCAPE.sub(decode, text)
+    # A character beyond the BMP is escaped as two halves: join them.
+    return decoded.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
+
+
+# (what shows a decoding may help, the decoding)
+_DECODERS = (("%", unquote), ("\\", _json_unescaped), ("&", html.unescape))
 
 
 @functools.lru_cache(maxsize=64)

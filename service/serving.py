@@ -95,20 +95,34 @@ def _alive(pid: int) -> bool:
 
 
 def ignore_further_stops() -> None:
-    """For a process that is exiting already: Python restores the default
+    """For a process that is exiting already. Python restores the default
     action of signals it handled while it finalizes, so a platform's repeated
-    SIGTERM arriving then would turn a clean exit into death by signal."""
-    for stop in (signal.SIGTERM, signal.SIGINT):
+    SIGTERM arriving then would turn a clean exit into death by signal; and a
+    quick stop (SIGINT, or the SIGQUIT gunicorn's master sends after it) in
+    the middle of a worker's exit would cut its drain short and leave its
+    store open. Whoever waits still bounds the exit: gunicorn's master kills
+    a worker after graceful_timeout (2 s after a quick stop)."""
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(stop, signal.SIG_IGN)
 
 
 class Worker(ThreadWorker):
     """gunicorn's threaded worker, except that the page it answers a
     malformed request with (a 400 quoting the request line or header) is
-    redacted as a log line is: the line may carry a webhook token."""
+    redacted as a log line is: the line may carry a webhook token; and that
+    a quick stop cannot block it."""
 
     def handle_error(self, req, client, addr, exc):
         super().handle_error(req, client, addr, _redacted(exc))
+
+    def handle_quit(self, sig, frame):
+        # gthread's handler shuts the thread pool down, under the pool's
+        # lock; a platform's SIGINT and the master's SIGQUIT arrive together,
+        # and the second, run inside the first while it held the lock,
+        # waited on it until the master killed the worker. Further stops
+        # are ignored first, so no handler runs inside this one.
+        ignore_further_stops()
+        super().handle_quit(sig, frame)
 
 
 def _redacted(exc: BaseException) -> BaseException:

@@ -97,3 +97,16 @@ def test_purge_deletes_delivered_work_past_retention(make_app):
     seed(app, failing=())
     assert run(app, "purge") == (0, "purged 0\n")  # within the default 168 hours
     assert run(app, "purge", "--older-than-hours", "0") == (0, "purged 2\n")
+
+
+def test_a_store_that_cannot_be_reached_is_one_line_naming_why(make_app, tmp_path):
+    # A folder that is a file: no SQLite outbox can be opened in it (as with a
+    # PostgreSQL server that is down, each command once ended in a traceback).
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    app = make_app({"DATABASE_URL": f"sqlite:///{blocker}/outbox.db", "VERO_AUTH_TOKEN": "t0ken"})
+    for args in (["status"], ["dead"], ["replay", "--all"], ["purge"], ["deliver", "--once"]):
+        code, output = run(app, *args)
+        assert code == 1, args
+        assert output.startswith("Error: ") and "SQLite outbox" in output, (args, output)
+        assert len(output.strip().splitlines()) == 1, output

@@ -146,6 +146,19 @@ def test_libpq_says_what_is_wrong_with_a_database_url():
     )
 
 
+def test_a_password_with_an_unescaped_at_sign_is_refused_without_echoing_it():
+    # libpq ends the password at the first "@" and takes the rest for the
+    # host, so the service would log "no PostgreSQL answers at hunter2@db",
+    # half the password, which the redactor (knowing "p@hunter2") misses.
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({"DATABASE_URL": "postgres://u:p@hunter2@db:5432/x"})
+    assert str(raised.value) == (
+        "DATABASE_URL: the user name or password holds '@', which a URL must write as %40"
+    )
+    # Written as it must be, the same password is accepted.
+    assert Config.from_env({"DATABASE_URL": "postgres://u:p%40hunter2@db:5432/x"})
+
+
 def test_processes_and_threads_default_to_one_per_core_and_eight():
     config = Config.from_env({})
     assert (config.web_concurrency, config.gunicorn_threads) == (None, 8)

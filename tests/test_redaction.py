@@ -6,6 +6,7 @@ quoting a request body)."""
 from __future__ import annotations
 
 import base64
+import html
 import json
 import logging
 import sys
@@ -55,6 +56,43 @@ def test_a_secret_quoted_in_part_is_found_once_decoded():
     # %7E for "~" is what an older quoter writes; decoded, it is the secret.
     partly = SECRET.replace("~", "%7E").replace(" ", "%20")
     assert "3f9a" not in redact_secrets(f"GET /vero/x/{partly} HTTP/1.1", [SECRET])
+
+
+def html_safe_json(value: object, escaped: str = "&<>") -> str:
+    """JSON as Go's encoding/json and Rails write it (and Gson, with = and '
+    as well): characters HTML gives meaning to as \\u00XX."""
+    text = json.dumps(value, ensure_ascii=False)
+    for char in escaped:
+        text = text.replace(char, "\\u%04x" % ord(char))
+    return text
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        html_safe_json({"auth_token": "tok&<=>'1234"}),
+        html_safe_json({"auth_token": "tok&<=>'1234"}, "&<>='"),
+        '{"auth_token": "tok\\u0026\\u003C=\\u003E\'1234"}',  # hex in capitals
+        # An answer quoting a JSON body: escaped twice.
+        json.dumps({"error": html_safe_json({"auth_token": "tok&<=>'1234"})}),
+        json.dumps({"error": json.dumps({"auth_token": "tok&<=>'1234"})}),
+        json.dumps({"error": json.dumps({"auth_token": "tok&<=>'1234"}).replace("/", "\\/")}),
+        # An HTML error page.
+        "<p>auth_token=tok&amp;&lt;=&gt;&#x27;1234</p>",
+        "<p>auth_token=tok&amp;&lt;&#61;&gt;&#39;1234</p>",
+    ],
+)
+def test_a_secret_escaped_as_other_encoders_escape_it_is_found_once_decoded(answer):
+    # Seen from a stand-in answering as Vero (Rails) would: the token, quoted
+    # with \u0026 for "&", reached a warning and the dead letters.
+    assert "1234" not in redact_secrets(f"Vero answered 400: {answer}", ["tok&<=>'1234"])
+
+
+def test_the_formatter_finds_a_secret_only_an_escape_hides(formatter):
+    answer = html_safe_json({"auth_token": SECRET.replace("tok", "tok&")})
+    logs.use_secrets([SECRET.replace("tok", "tok&")])
+    text = line(formatter, logging.WARNING, "Vero answered 400: %s", answer, error=answer)
+    assert "3f9a" not in text and text.count(REDACTED) == 2
 
 
 def test_only_the_secret_goes_and_the_rest_stays():
@@ -224,6 +262,9 @@ texts = st.text(max_size=40)
             lambda s: quote(s, safe=""),
             lambda s: quote_plus(s),
             lambda s: base64.b64encode(f"{s}:".encode()).decode(),
+            lambda s: html_safe_json({"k": s}, "&<>='"),
+            lambda s: json.dumps({"error": html_safe_json({"k": s})}),
+            lambda s: html.escape(s),
         ]
     ),
 )

@@ -198,6 +198,9 @@ def test_repeated_sigterms_under_load_stop_every_process_in_time_and_lose_nothin
                 # Each process ended by itself: none was killed, by gunicorn or a signal.
                 for sign in ("SIGKILL", "WORKER TIMEOUT", "was sent SIGTERM"):
                     assert sign not in text, text
+                # Nor did one leave a traceback while finalizing (an open
+                # connection pool once did, on every PostgreSQL stop).
+                assert all(line.startswith("{") for line in text.splitlines()), text
             for proc in procs:  # nothing of the group is left behind
                 with pytest.raises(ProcessLookupError):
                     os.killpg(proc.pid, 0)
@@ -225,5 +228,65 @@ def test_repeated_sigterms_under_load_stop_every_process_in_time_and_lose_nothin
         for proc in locals().get("procs", []):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+        vero.stop()
+        segment.stop()
+
+
+@pytest.mark.postgres
+def test_a_quick_stop_after_sigterm_lets_every_worker_finish_its_exit(tmp_path, postgres_url):
+    """SIGTERM, then SIGINT (gunicorn's quick stop, and Fly's default signal)
+    to every process while the web delivers on PostgreSQL. gunicorn gives its
+    workers 2 s after a quick stop, then kills them: a worker already stopping
+    delivery must finish that, not be cut short by the second signal (which
+    once skipped closing its pool, and the open pool then held the process
+    until the kill, in 5 rounds of 8)."""
+    vero, segment = Upstream(slow_ok).start(), Upstream(slow_ok).start()
+    port = free_port()
+    env = {
+        "PATH": f"{GUNICORN.parent}:{os.environ['PATH']}",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        **service_env(postgres_url, vero.url, segment.url),
+    }
+    url = f"http://127.0.0.1:{port}"
+    acked: set = set()
+    proc = None
+    try:
+        for round_ in range(3):
+            log = tmp_path / f"round-{round_}.log"
+            proc = start("web", env, log)
+            ready(url, [proc], [log])
+            with Load(url, f"{uuid.uuid4().hex[:6]}-{round_}") as load:
+                wait_until(lambda load=load: load.count() >= 40, 30, "no load")
+                os.killpg(proc.pid, signal.SIGTERM)
+                time.sleep(0.01)
+                os.killpg(proc.pid, signal.SIGINT)
+                assert proc.wait(GRACE_SECONDS) == 0, log.read_text()
+            acked |= load.acked
+            # Each worker had exited by itself when the master did.
+            with pytest.raises(ProcessLookupError):
+                os.killpg(proc.pid, 0)
+            text = log.read_text()
+            assert all(line.startswith("{") for line in text.splitlines()), text
+
+        log = tmp_path / "drain.log"
+        proc = start("web", env, log)
+        ready(url, [proc], [log])
+
+        def all_delivered() -> bool:
+            at_vero = {
+                ("/v1", user, seq) for user, seq in delivered(vero_attempts(vero.snapshot()))
+            }
+            at_segment = {
+                ("/ve", user, seq) for user, seq in delivered(segment_attempts(segment.snapshot()))
+            }
+            return acked <= at_vero | at_segment
+
+        wait_until(all_delivered, 60, "acknowledged messages not all delivered")
+        terminate_all([proc.pid], [0.0])
+        assert proc.wait(GRACE_SECONDS) == 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         vero.stop()
         segment.stop()
