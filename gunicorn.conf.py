@@ -8,7 +8,6 @@ worker process also runs the delivery threads when DELIVERY_IN_WEB is on (the
 default).
 """
 
-import multiprocessing
 import os
 import signal
 
@@ -29,11 +28,6 @@ logs.use_secrets(_config.secrets)
 # killed instead, by the next one to start.
 serving.metrics_folder()
 from prometheus_client import multiprocess  # noqa: E402  (needs the folder set)
-
-# When any worker last began or ended a request, made here before the fork so
-# that all workers share it: delivery in each gives way to requests in any
-# (service/outbox/delivery.py, Ingest).
-_ingest_seen = multiprocessing.RawValue("d", float("-inf"))
 
 _host = _config.host
 bind = [
@@ -108,7 +102,6 @@ def post_worker_init(worker):
     runtime = get_runtime(worker.wsgi)
     if not runtime.config.delivery_in_web:
         return
-    runtime.deliverer.ingest.seen = _ingest_seen
     runtime.start_delivery()
     # gunicorn's own SIGTERM handler only ends the request loop; stop claiming
     # new work at the same moment so the drain fits in graceful_timeout.

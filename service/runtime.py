@@ -47,8 +47,6 @@ class Runtime:
 
     def init_app(self, app: Flask) -> None:
         app.extensions[EXTENSION] = self
-        # Delivery in this process gives way while it serves requests.
-        app.wsgi_app = self.deliverer.ingest.counted(app.wsgi_app)  # type: ignore[method-assign]
 
     def accept(self, direction: str, results: Sequence[Result]) -> intake.Summary:
         try:

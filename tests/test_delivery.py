@@ -7,7 +7,6 @@ sender is used."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import threading
 import time
 
@@ -20,10 +19,7 @@ from service.outbox.delivery import (
     PREFETCH,
     RETRY,
     SUCCEEDED,
-    YIELD_SECONDS,
-    YIELD_SHARE,
     Deliverer,
-    Ingest,
     Limits,
     Outcome,
     Unit,
@@ -393,95 +389,3 @@ def test_drain_stops_while_the_upstream_is_paused(store):
     assert deliverer.drain() == 1
     assert sender.sent == ["m0"]
     assert counts(store, time.time()) == {PENDING: 3}
-
-
-# -- giving way to ingest --------------------------------------------------------
-
-
-class Ticks:
-    """A monotonic clock for Ingest that moves only when told."""
-
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_ingest_is_busy_while_a_request_is_served_and_just_after():
-    ticks = Ticks()
-    ingest = Ingest(ticks)
-    assert not ingest.busy()
-    ingest.begin()
-    ticks.now += 5
-    assert ingest.busy()
-    ingest.end()
-    ticks.now += YIELD_SECONDS / 2
-    assert ingest.busy()
-    ticks.now += YIELD_SECONDS
-    assert not ingest.busy()
-
-
-def test_processes_sharing_a_seen_value_give_way_to_each_others_requests():
-    ticks = Ticks()
-    seen = multiprocessing.RawValue("d", float("-inf"))
-    serving, delivering = Ingest(ticks, seen), Ingest(ticks, seen)
-    serving.begin()
-    assert delivering.busy()
-    serving.end()
-    ticks.now += 2 * YIELD_SECONDS
-    assert not delivering.busy()
-
-
-def test_a_request_that_fails_is_counted_out_as_well():
-    ingest = Ingest(Ticks())
-    seen = []
-
-    def failing(environ, start_response):
-        seen.append(ingest.active)
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError):
-        ingest.counted(failing)({"REQUEST_METHOD": "POST"}, None)
-    assert seen == [1]
-    assert ingest.active == 0
-
-
-def test_while_requests_are_served_a_lane_keeps_part_of_its_window_in_flight(store):
-    clock, ticks = FakeClock(), Ticks()
-    ingest = Ingest(ticks)
-    sender = ScriptedSender(max_in_flight=8)
-    deliverer = Deliverer(store, [sender], LIMITS, clock=clock, ingest=ingest)
-    lane = deliverer.lanes[A]
-    store.enqueue(A, users(40), T0)
-    share = int(8 * YIELD_SHARE)
-
-    ingest.begin()
-    # The claim is sized by the share, and calls wait for a slot within it.
-    assert deliverer.run_once(A) == share + int(share * PREFETCH)
-    for _ in range(share):
-        lane.window.start(T0)
-    unit = Unit([], claimed_at=T0, lease_until=T0 + 30)
-    assert lane.gate(unit).begin() is None  # no slot came free before the lease's end
-    # Once the requests are done, the whole window is the lane's again.
-    ingest.end()
-    ticks.now += 2 * YIELD_SECONDS
-    ticket = lane.gate(Unit([], claimed_at=clock.now, lease_until=clock.now + 30)).begin()
-    assert ticket is not None
-    assert lane.window.in_flight == share + 1
-
-
-def test_the_app_counts_the_messages_it_serves(make_app):
-    app = make_app(senders=[ScriptedSender()])
-    ingest = get_runtime(app).deliverer.ingest
-    ticks = Ticks()
-    ingest.clock = ticks
-
-    # A probe or a scrape does not count; a message does.
-    assert app.test_client().get("/healthz").status_code == 200
-    assert not ingest.busy()
-    app.test_client().post("/v1/track", json={})
-    assert ingest.active == 0
-    assert ingest.busy()  # it ended just now
-    ticks.now += 2 * YIELD_SECONDS
-    assert not ingest.busy()

@@ -15,9 +15,6 @@ Each process runs one `Lane` per direction:
 Per-user order is the store's: a claim hands out a user's next work only
 once the earlier is settled, and a unit holds one user's work whole.
 
-While messages are arriving, delivery gives way to them: a lane uses only
-part of its window (`Ingest`, YIELD_SHARE).
-
 What an outcome turns into is the plain function `settle`. `run_once` runs
 one claim through the same senders and gates on the calling thread, for tests
 and `outbox deliver --once`; time comes from an injected `Clock`.
@@ -25,9 +22,7 @@ and `outbox deliver --once`; time comes from an injected `Clock`.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import math
 import random
 import threading
 import time
@@ -70,16 +65,6 @@ CYCLE_SECONDS = 0.05
 # Work claimed beyond the window, ready for the next slot that frees, so a slot
 # does not idle until the claimer's next round.
 PREFETCH = 0.5
-# While messages are arriving (see Ingest), a lane keeps at most this share of
-# its window in flight: each call costs CPU (mostly in requests) on the cores
-# and the GIL that the request threads need (docs/service-decisions.md,
-# "Delivery", "Ingest first").
-YIELD_SHARE = 0.5
-# How long after the last message began or ended delivery still gives way:
-# long enough to bridge the gaps in a steady load (a worker short of CPU goes
-# tens of milliseconds between requests), short enough that a drain is back to
-# full speed soon after ingest stops.
-YIELD_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -101,13 +86,6 @@ class Outcome:
 RELEASE = Outcome(RELEASED, status="none")
 
 
-class Seen(Protocol):
-    """A number that one or more processes share (ctypes.c_double,
-    multiprocessing.RawValue("d"))."""
-
-    value: float
-
-
 class Clock(Protocol):
     def time(self) -> float:
         """Seconds since the epoch, as the store's times are."""
@@ -122,50 +100,6 @@ class SystemClock:
 
     def wait(self, waitable: threading.Condition | threading.Event, seconds: float) -> None:
         waitable.wait(max(seconds, 0.0))
-
-
-class Ingest:
-    """The requests this process is serving, counted around the WSGI app, so
-    that delivery gives way to them (see YIELD_SHARE). `seen` holds when a
-    request last began or ended, in seconds of `clock` (monotonic, which
-    all processes on a host share): gunicorn's workers share one, so that
-    each worker's delivery also gives way to requests its siblings serve on
-    the same cores. A process that serves no requests is never busy."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic, seen: Seen | None = None):
-        self.clock = clock
-        self.seen: Seen = seen if seen is not None else ctypes.c_double(-math.inf)
-        self.active = 0
-        self._lock = threading.Lock()
-
-    def begin(self) -> None:
-        with self._lock:
-            self.active += 1
-        self.seen.value = self.clock()
-
-    def end(self) -> None:
-        with self._lock:
-            self.active -= 1
-        self.seen.value = self.clock()
-
-    def busy(self) -> bool:
-        return self.active > 0 or self.clock() - self.seen.value < YIELD_SECONDS
-
-    def counted(self, wsgi_app: Callable) -> Callable:
-        """`wsgi_app`, counting each POST while the app handles it. Messages
-        arrive by POST; a probe or a scrape (GET /healthz, /metrics), every
-        few seconds, must not hold delivery back."""
-
-        def app(environ, start_response):
-            if environ.get("REQUEST_METHOD") != "POST":
-                return wsgi_app(environ, start_response)
-            self.begin()
-            try:
-                return wsgi_app(environ, start_response)
-            finally:
-                self.end()
-
-        return app
 
 
 class Gate(Protocol):
@@ -276,7 +210,6 @@ class Deliverer:
         on_outcome: OutcomeHook | None = None,
         on_window: WindowHook | None = None,
         clock: Clock | None = None,
-        ingest: Ingest | None = None,
     ):
         self.store = store
         self.senders = {sender.direction: sender for sender in senders}
@@ -285,7 +218,6 @@ class Deliverer:
         self.on_outcome = on_outcome
         self.on_window = on_window
         self.clock: Clock = clock or SystemClock()
-        self.ingest = ingest or Ingest()
         self.stopping = threading.Event()
         # Set by request_stop, from a signal handler; see _watch_for_stop.
         self._stop_requested = False
@@ -382,20 +314,11 @@ class Lane:
         window = self.window
         if window.paused(now):
             return 0
-        limit = self.limit()
-        hold = limit + int(limit * PREFETCH)
+        hold = window.limit + int(window.limit * PREFETCH)
         cap = window.hold_limit()
         if cap is not None:
             hold = min(hold, cap)
         return max(0, hold - self.busy)
-
-    def limit(self) -> int:
-        """Calls that may be in flight now: the window's, or while messages
-        are arriving, YIELD_SHARE of it (lock held)."""
-        limit = self.window.limit
-        if self.deliverer.ingest.busy():
-            return max(1, int(limit * YIELD_SHARE))
-        return limit
 
     def claim(self, room: int, now: float) -> tuple[list[Unit], bool]:
         """Claim for `room` units; the units, and whether the claim took all it
@@ -642,7 +565,7 @@ class Lane:
                 now = clock.time()
                 if stopping.is_set() or now > latest:
                     return None
-                if window.in_flight < self.limit() and not window.paused(now):
+                if window.in_flight < window.limit and not window.paused(now):
                     at = max(now, window.next_start)  # the rate cap's turn
                     if at > latest:
                         return None
@@ -667,7 +590,7 @@ class Lane:
             self.window.finish(ticket, status, retry_after, self.deliverer.clock.time())
             if self.window.paused_until != paused_until:
                 self._show()  # a pause is news at once; the rest waits for the round
-            free = self.limit() - self.window.in_flight
+            free = self.window.limit - self.window.in_flight
             if free > 0:
                 self.slot_free.notify(free)
 
