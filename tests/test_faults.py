@@ -310,7 +310,6 @@ def service_env(store_url: str, vero_url: str, segment_url: str, **overrides: st
         "VERO_WEBHOOK_TOKEN": WEBHOOK_TOKEN,
         "WEB_CONCURRENCY": "2",
         "GUNICORN_THREADS": "4",
-        "DELIVERY_THREADS": "3",
         "DELIVERY_POLL_SECONDS": "0.05",
         "OUTBOX_LEASE_SECONDS": "5",
         "OUTBOX_POOL_SIZE": "8",

@@ -92,6 +92,19 @@ class DeadItem:
     payload: dict[str, Any]
 
 
+def counted(rows: Sequence[Sequence[Any]]) -> dict[tuple[str, str], int]:
+    """(direction, state) -> items, from rows of (direction, state, n) in which
+    IN_FLIGHT counts pending items under an unexpired lease: those are taken
+    out of PENDING, so each item is counted in one state."""
+    counts: dict[tuple[str, str], int] = {}
+    for direction, state, n in rows:
+        counts[direction, state] = n
+    for (direction, state), n in list(counts.items()):
+        if state == IN_FLIGHT:
+            counts[direction, PENDING] = counts.get((direction, PENDING), 0) - n
+    return {key: n for key, n in counts.items() if n}
+
+
 def dead_item(row: Sequence[Any]) -> DeadItem:
     """A row (id, direction, order_key, attempts, last_error, created_at,
     updated_at, payload JSON) as a DeadItem."""

@@ -51,6 +51,7 @@ from service.outbox import (
     Settlement,
     StoreError,
     claimed_items,
+    counted,
     dead_item,
 )
 from service.redaction import redact_secrets
@@ -836,16 +837,9 @@ class PostgresStore:
                 self._vacuuming = False
 
     def counts(self, now: float) -> dict[tuple[str, str], int]:
-        """From outbox_counts and outbox_leases (in flight is pending work under
-        an unexpired lease): one statement, so one snapshot, a few rows read,
-        none of them items."""
-        counts: dict[tuple[str, str], int] = {}
-        for direction, state, n in self._read(COUNTS, {"in_flight": IN_FLIGHT, "now": now}):
-            counts[direction, state] = n
-        for (direction, state), n in list(counts.items()):
-            if state == IN_FLIGHT:
-                counts[direction, PENDING] = counts.get((direction, PENDING), 0) - n
-        return {key: n for key, n in counts.items() if n}
+        """From outbox_counts and outbox_leases: one statement, so one
+        snapshot, a few rows read, none of them items."""
+        return counted(self._read(COUNTS, {"in_flight": IN_FLIGHT, "now": now}))
 
     def oldest_pending(self) -> dict[str, float]:
         """One index lookup per direction (outbox_age)."""
