@@ -134,7 +134,7 @@ class VeroSender:
                 progress=index,
             )
         except requests.RequestException as exc:
-            reason = self._redact(_shorten(f"{type(exc).__name__}: {exc}"))
+            reason = _shorten(self._redact(f"{type(exc).__name__}: {exc}"))
             return None, Outcome(
                 RETRY, f"{label}: could not reach Vero ({reason})", status="network", progress=index
             )
@@ -142,7 +142,7 @@ class VeroSender:
             status = response.status_code
             if 200 <= status < 300:
                 return status, None
-            excerpt = self._redact(_shorten(response.text)) or "(empty answer)"
+            excerpt = _shorten(self._redact(response.text)) or "(empty answer)"
         said = f"{label}: Vero answered {status}: {excerpt}"
         if retryable(status):
             return status, Outcome(
