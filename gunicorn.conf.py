@@ -13,7 +13,7 @@ import signal
 
 from gunicorn import glogging
 
-from service import logs, serving
+from service import delivery_seat, logs, serving
 from service.config import load_or_exit
 
 # Fail once, in the master, with one line naming the variable.
@@ -33,7 +33,10 @@ _host = _config.host
 bind = [
     f"[{_host}]:{_config.port}" if ":" in _host and "[" not in _host else f"{_host}:{_config.port}"
 ]
-workers = _config.web_concurrency or os.cpu_count() or 2
+# One more when the web line delivers: that one only delivers (service/delivery_seat.py).
+workers = (_config.web_concurrency or os.cpu_count() or 2) + (
+    1 if _config.delivery_in_web and delivery_seat.SUPPORTED else 0
+)
 # gunicorn's gthread worker, with error pages redacted (see service/serving.py).
 worker_class = "service.serving.Worker"
 threads = _config.gunicorn_threads
@@ -102,7 +105,6 @@ def post_worker_init(worker):
     runtime = get_runtime(worker.wsgi)
     if not runtime.config.delivery_in_web:
         return
-    runtime.start_delivery()
     # gunicorn's own SIGTERM handler only ends the request loop; stop claiming
     # new work at the same moment so the drain fits in graceful_timeout.
     previous = signal.getsignal(signal.SIGTERM)
@@ -113,6 +115,21 @@ def post_worker_init(worker):
             previous(signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    if not delivery_seat.SUPPORTED:
+        runtime.start_delivery()
+        return
+    runtime.ring = delivery_seat.Doorbell(worker.ppid).ring
+    seat = delivery_seat.take(worker.ppid)
+    if seat is not None:
+        worker.serves = False
+        runtime.start_delivery(seat)
+    else:
+
+        def deliver_too(seat):
+            worker.log.info("Worker %s took the free delivery seat: it delivers too", worker.pid)
+            runtime.start_delivery(seat)
+
+        delivery_seat.watch_for_vacancy(worker.ppid, deliver_too, runtime.deliverer.stopping)
 
 
 def worker_exit(server, worker):

@@ -5,13 +5,14 @@ process delivers) the delivery workers. `init_app` attaches it to the app;
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from flask import Flask, current_app
 
-from service import health, intake, metrics
+from service import delivery_seat, health, intake, metrics
 from service.config import Config
 from service.outbox import Store, StoreError
 from service.outbox.delivery import RELEASED, SUCCEEDED, Deliverer, Limits, Outcome, Sender
@@ -44,6 +45,9 @@ class Runtime:
         )
         self._housekeeping: threading.Thread | None = None
         self.writes = health.Writes()
+        # Told of each direction that has new work: this process's own lanes,
+        # or the server's delivering process (service/delivery_seat.py).
+        self.ring: Callable[[str], None] = self.deliverer.wake
 
     def init_app(self, app: Flask) -> None:
         app.extensions[EXTENSION] = self
@@ -57,16 +61,20 @@ class Runtime:
         if summary.accepted or summary.duplicate:
             self.writes.succeeded()
         if summary.accepted:
-            # Wake this process's workers now rather than at their next poll.
-            self.deliverer.wake(direction)
+            # Wake delivery now rather than at its next poll.
+            self.ring(direction)
         return summary
 
     def purge(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
         return self.store.purge(now - self.config.outbox_retention_hours * 3600)
 
-    def start_delivery(self) -> None:
+    def start_delivery(self, seat: socket.socket | None = None) -> None:
+        """Deliver in this process; with the server's `seat`, also answer
+        the doorbell the serving processes ring."""
         self.deliverer.start()
+        if seat is not None:
+            delivery_seat.answer(seat, self.deliverer.wake, self.deliverer.stopping)
         self._housekeeping = threading.Thread(
             target=self._housekeep, name="housekeeping", daemon=True
         )

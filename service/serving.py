@@ -109,8 +109,26 @@ def ignore_further_stops() -> None:
 class Worker(ThreadWorker):
     """gunicorn's threaded worker, except that the page it answers a
     malformed request with (a 400 quoting the request line or header) is
-    redacted as a log line is: the line may carry a webhook token; and that
-    a quick stop cannot block it."""
+    redacted as a log line is: the line may carry a webhook token; that a
+    quick stop cannot block it; and that the worker holding the delivery
+    seat serves no requests."""
+
+    # False on the worker that holds its server's delivery seat
+    # (service/delivery_seat.py; set by gunicorn.conf.py's post_worker_init).
+    serves = True
+
+    def run(self):
+        if self.serves:
+            super().run()
+            return
+        # Connections are left to the serving workers: this one only shows
+        # the master it is alive until told to stop (or orphaned).
+        for listener in self.sockets:
+            listener.close()
+        self.log.info("Worker %s delivers and serves no requests", self.pid)
+        while self.alive and self.ppid == os.getppid():
+            self.notify()
+            time.sleep(1.0)
 
     def handle_error(self, req, client, addr, exc):
         super().handle_error(req, client, addr, _redacted(exc))

@@ -13,11 +13,11 @@ from service.vero_to_segment.sender import MAX_REQUESTS_IN_FLIGHT, SegmentSender
 CONFIGURED = {"VERO_AUTH_TOKEN": "t", "SEGMENT_WRITE_KEY": "wk"}
 
 
-def test_by_default_the_window_holds_48_calls_and_vero_has_no_rate_cap():
+def test_by_default_the_window_holds_96_calls_and_vero_has_no_rate_cap():
     config = Config.from_env(CONFIGURED)
-    assert (config.delivery_max_in_flight, config.vero_max_requests_per_second) == (48, None)
+    assert (config.delivery_max_in_flight, config.vero_max_requests_per_second) == (96, None)
     vero = VeroSender(config)
-    assert (vero.max_in_flight, vero.calls_per_second) == (48, None)
+    assert (vero.max_in_flight, vero.calls_per_second) == (96, None)
     # Each Segment request carries hundreds of messages: a few in flight suffice.
     assert SegmentSender(config).max_in_flight == MAX_REQUESTS_IN_FLIGHT
 

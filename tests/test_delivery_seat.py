@@ -1,0 +1,167 @@
+"""One delivering process per server (service/delivery_seat.py): the seat is
+exclusive and freed with its holder, the doorbell reaches it, and under
+gunicorn exactly one worker delivers, serves nothing, and is replaced when it
+dies."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+
+from service import delivery_seat
+from tests.standin import Upstream
+from tests.support import Service
+from tests.test_shutdown import wait_until
+
+pytestmark = pytest.mark.skipif(
+    not delivery_seat.SUPPORTED, reason="the delivery seat needs Linux's abstract sockets"
+)
+
+SECRET = "seat-shared-secret"
+
+
+def a_master_pid() -> int:
+    # Any number no real master has here, different for each test run.
+    return 4_000_000_000 + uuid.uuid4().int % 100_000_000
+
+
+def test_one_process_holds_a_servers_seat_until_it_lets_go():
+    master = a_master_pid()
+    seat = delivery_seat.take(master)
+    assert seat is not None
+    assert delivery_seat.take(master) is None
+    other = delivery_seat.take(master + 1)  # another server's seat is its own
+    assert other is not None
+    other.close()
+    seat.close()
+    again = delivery_seat.take(master)
+    assert again is not None
+    again.close()
+
+
+def test_the_doorbell_wakes_the_holder_with_the_direction():
+    master = a_master_pid()
+    seat = delivery_seat.take(master)
+    assert seat is not None
+    rung: list[str] = []
+    heard = threading.Event()
+    stopping = threading.Event()
+
+    def wake(direction: str) -> None:
+        rung.append(direction)
+        heard.set()
+
+    delivery_seat.answer(seat, wake, stopping)
+    bell = delivery_seat.Doorbell(master)
+    try:
+        bell.ring("segment_to_vero")
+        assert heard.wait(10), "the ring did not arrive"
+        assert rung == ["segment_to_vero"]
+    finally:
+        stopping.set()
+        bell.close()
+    # The answering thread closes the seat as it ends: it becomes free.
+    wait_until(lambda: _free(master), 10, "the seat was not freed")
+
+
+def test_ringing_with_nobody_in_the_seat_is_silent():
+    bell = delivery_seat.Doorbell(a_master_pid())
+    for _ in range(1000):  # more than any socket queue holds
+        bell.ring("vero_to_segment")
+    bell.close()
+
+
+def test_a_free_seat_goes_to_a_watcher_only_after_the_grace(monkeypatch):
+    monkeypatch.setattr(delivery_seat, "VACANCY_SECONDS", 0.05)
+    monkeypatch.setattr(delivery_seat, "SUCCESSOR_GRACE_SECONDS", 0.5)
+    master = a_master_pid()
+    holder = delivery_seat.take(master)
+    assert holder is not None
+    taken: list = []
+    stopping = threading.Event()
+    delivery_seat.watch_for_vacancy(master, taken.append, stopping)
+    try:
+        time.sleep(0.3)
+        assert not taken  # held all along
+        holder.close()
+        # A successor that takes the seat within the grace keeps it.
+        successor = delivery_seat.take(master)
+        assert successor is not None
+        time.sleep(1.0)
+        assert not taken
+        successor.close()
+        wait_until(lambda: bool(taken), 10, "the watcher did not take the free seat")
+        assert delivery_seat.take(master) is None  # the watcher holds it now
+    finally:
+        stopping.set()
+        for seat in taken:
+            seat.close()
+
+
+def _free(master: int) -> bool:
+    seat = delivery_seat.take(master)
+    if seat is None:
+        return False
+    seat.close()
+    return True
+
+
+def deliverers(log: str) -> list[int]:
+    return [int(pid) for pid in re.findall(r"Worker (\d+) delivers and serves no requests", log)]
+
+
+def test_under_gunicorn_one_extra_worker_delivers_woken_at_once_and_is_replaced(tmp_path):
+    vero = Upstream().start()
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/outbox.db",
+        "VERO_AUTH_TOKEN": "seat-vero-token",
+        "VERO_API_URL": vero.url,
+        "SEGMENT_SHARED_SECRET": SECRET,
+        "WEB_CONCURRENCY": "2",
+        # Longer than any wait below: only the doorbell delivers in time.
+        "DELIVERY_POLL_SECONDS": "60",
+    }
+    try:
+        with Service(env, tmp_path / "service.log") as service:
+            wait_until(lambda: len(deliverers(service.logs())) == 1, 30, "no delivering worker")
+            wait_until(lambda: "delivery started" in service.logs(), 30, "delivery not started")
+            time.sleep(0.5)  # its first claim, of nothing, is behind it
+
+            def identify(user: str) -> None:
+                for _ in range(5):  # several, so each serving worker takes some
+                    answer = requests.post(
+                        service.url + "/v1/identify",
+                        json={"userId": user, "messageId": uuid.uuid4().hex},
+                        auth=(SECRET, ""),
+                        timeout=5,
+                    )
+                    assert answer.status_code == 200, answer.text
+
+            def arrived(user: str) -> int:
+                return sum(r.json["id"] == user for r in vero.snapshot())
+
+            identify("first")
+            wait_until(lambda: arrived("first") == 5, 15, "the doorbell did not wake delivery")
+            logs = service.logs()
+            assert logs.count("Booting worker with pid") == 3  # two serve, one delivers
+            assert logs.count('"delivery started"') == 1
+
+            # The deliverer dies; gunicorn's replacement takes the seat.
+            (first,) = deliverers(logs)
+            os.kill(first, signal.SIGKILL)
+            wait_until(lambda: len(deliverers(service.logs())) == 2, 30, "no successor")
+            second = deliverers(service.logs())[1]
+            assert second != first
+            time.sleep(0.5)
+            identify("second")
+            wait_until(lambda: arrived("second") == 5, 15, "the successor did not deliver")
+            assert "took the free delivery seat" not in service.logs()
+    finally:
+        vero.stop()
