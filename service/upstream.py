@@ -7,6 +7,7 @@ loop (`service.outbox.delivery`) holds it under a lock and waits as it says.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -63,14 +64,30 @@ def call(
     timeout: tuple[float, float],
 ) -> requests.Response:
     """One request on `session`, with its headers and auth, never following a
-    redirect (it would turn a POST into a GET and drop the body). Prepared
-    here rather than by `session.request`, which merges the session's
-    settings anew for every call: a sixth of a call's CPU, for settings that
-    never change."""
-    prepared = requests.Request(
-        method, url, data=data, headers=session.headers, auth=session.auth
-    ).prepare()
-    return session.send(prepared, timeout=timeout, allow_redirects=False)
+    redirect (it would turn a POST into a GET and drop the body); its answer
+    is read whole.
+
+    Sent through the session's transport adapter with the request's headers
+    built once per method and URL: `session.request` merges the session's
+    settings anew for every call, prepares the URL, cookies and auth again and
+    keeps cookies between calls (an API client has no use for them), which
+    together were a quarter of the CPU a delivered call costs, taken from
+    the cores ingest runs on."""
+    template = _template(session, method, url)
+    prepared = requests.PreparedRequest()
+    prepared.method, prepared.url, prepared.headers = method, template.url, template.headers.copy()
+    prepared.prepare_body(data, None)
+    verify = True if session.verify is None else session.verify
+    response = session.get_adapter(url).send(
+        prepared, timeout=timeout, verify=verify, cert=session.cert, proxies=session.proxies
+    )
+    response.content  # noqa: B018  (read now, so the connection goes back to the pool)
+    return response
+
+
+@functools.lru_cache(maxsize=64)
+def _template(session: requests.Session, method: str, url: str) -> requests.PreparedRequest:
+    return requests.Request(method, url, headers=session.headers, auth=session.auth).prepare()
 
 
 @dataclass

@@ -347,3 +347,21 @@ def test_vero_s_answer_goes_to_the_dead_letter_and_never_to_the_log(httpserver, 
     assert (record.levelname, record.getMessage()) == ("WARNING", "Vero delivery failed")
     assert (record.item, record.call, record.status) == (1, "POST /users/track", 400)
     assert "example.org" not in str(record.__dict__)
+
+
+def test_calls_go_through_the_proxy_the_environment_names(monkeypatch):
+    # Read once when the sender is made (service/upstream.py), then used for every call.
+    from tests.standin import Upstream
+
+    proxy = Upstream().start()
+    try:
+        for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        sender = VeroSender(Config(vero_auth_token=TOKEN, vero_api_url="http://vero.invalid/v2"))
+        for _ in range(2):
+            assert send_one(sender, item([IDENTIFY])).kind == SUCCEEDED
+        paths = [received.path for received in proxy.snapshot()]
+        assert paths == ["http://vero.invalid/v2/users/track"] * 2
+    finally:
+        proxy.stop()
