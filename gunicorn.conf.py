@@ -135,8 +135,9 @@ def post_worker_init(worker):
 def worker_exit(server, worker):
     from service.runtime import get_runtime
 
-    # First: a second signal (a repeated SIGTERM, a quick stop) must not
-    # interrupt the drain and the close below.
+    # First: a further signal (a repeated SIGTERM, a quick stop) has nothing
+    # left to do, and once Python finalizes its default action would kill
+    # the exit (see ignore_further_stops).
     serving.ignore_further_stops()
     wsgi = getattr(worker, "wsgi", None)
     if wsgi is not None:

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -98,10 +99,10 @@ def ignore_further_stops() -> None:
     """For a process that is exiting already. Python restores the default
     action of signals it handled while it finalizes, so a platform's repeated
     SIGTERM arriving then would turn a clean exit into death by signal; and a
-    quick stop (SIGINT, or the SIGQUIT gunicorn's master sends after it) in
-    the middle of a worker's exit would cut its drain short and leave its
-    store open. Whoever waits still bounds the exit: gunicorn's master kills
-    a worker after graceful_timeout (2 s after a quick stop)."""
+    stop's handler has nothing left to tell a worker that is already on its
+    way out (its wake-up would write to a pipe the loop has closed). Whoever
+    waits still bounds the exit: gunicorn's master kills a worker after
+    graceful_timeout (2 s after a quick stop that follows a SIGTERM)."""
     for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(stop, signal.SIG_IGN)
 
@@ -110,17 +111,57 @@ class Worker(ThreadWorker):
     """gunicorn's threaded worker, except that the page it answers a
     malformed request with (a 400 quoting the request line or header) is
     redacted as a log line is: the line may carry a webhook token; that a
-    quick stop cannot block it; and that the worker holding the delivery
-    seat serves no requests."""
+    quick stop only sets flags in its handler, and is carried out by the main
+    loop; and that the worker holding the delivery seat serves no requests."""
 
+    quitting = False
     # False on the worker that holds its server's delivery seat
     # (service/delivery_seat.py; set by gunicorn.conf.py's post_worker_init).
     serves = True
 
+    def handle_error(self, req, client, addr, exc):
+        super().handle_error(req, client, addr, _redacted(exc))
+
+    def handle_quit(self, sig, frame):
+        # A handler runs on the main thread wherever that was interrupted.
+        # gthread's shut the thread pool down under the pool's lock and then
+        # exited from inside the handler; but the main loop holds that lock
+        # whenever it hands a connection to the pool, and a stop arriving
+        # then waited for itself until the master killed the worker 25 s
+        # later (4 quick stops of 140 under load). So only flags here, and a
+        # wake-up for the loop as gthread's SIGTERM handler sends (a
+        # SimpleQueue put and a pipe write: nothing that waits). A second
+        # stop inside this one does the same again, harmlessly.
+        self.alive = False
+        self.quitting = True
+        self.method_queue.defer(_nothing)
+
+    def wait_for_and_dispatch_events(self, timeout):
+        # The main loop's one place of waiting, in the request loop and in
+        # the drain after it: a quick stop is noticed here, on the loop.
+        if not self.quitting:
+            super().wait_for_and_dispatch_events(timeout)
+        if self.quitting:
+            self._quit()
+
+    def _quit(self):
+        """What gthread's quick stop did in its handler, on the main loop:
+        no more work for the pool, then exit without waiting for open
+        connections (gunicorn's worker_exit hook still runs)."""
+        self.tpool.shutdown(wait=False)
+        sys.exit(0)
+
     def run(self):
-        if self.serves:
-            super().run()
-            return
+        try:
+            if self.serves:
+                super().run()
+            else:
+                self._only_deliver()
+        finally:
+            if self.quitting:  # also when the loop had nothing left to wait for
+                self.cfg.worker_int(self)
+
+    def _only_deliver(self):
         # Connections are left to the serving workers: this one only shows
         # the master it is alive until told to stop (or orphaned).
         for listener in self.sockets:
@@ -130,17 +171,9 @@ class Worker(ThreadWorker):
             self.notify()
             time.sleep(1.0)
 
-    def handle_error(self, req, client, addr, exc):
-        super().handle_error(req, client, addr, _redacted(exc))
 
-    def handle_quit(self, sig, frame):
-        # gthread's handler shuts the thread pool down, under the pool's
-        # lock; a platform's SIGINT and the master's SIGQUIT arrive together,
-        # and the second, run inside the first while it held the lock,
-        # waited on it until the master killed the worker. Further stops
-        # are ignored first, so no handler runs inside this one.
-        ignore_further_stops()
-        super().handle_quit(sig, frame)
+def _nothing() -> None:
+    """The wake-up's callback: waking the loop is all it is for."""
 
 
 def _redacted(exc: BaseException) -> BaseException:

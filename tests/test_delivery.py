@@ -7,6 +7,7 @@ sender is used."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -14,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Config
-from service.outbox import DELIVERED, PENDING
+from service.outbox import DELIVERED, PENDING, open_store
 from service.outbox.delivery import (
     PREFETCH,
     RETRY,
@@ -32,6 +33,7 @@ from service.vero_to_segment.sender import SegmentSender
 from tests.conftest import wait_for
 from tests.senders import T0, FakeClock, ScriptedSender
 from tests.standin import OK, Reply, Upstream
+from tests.support import free_port
 
 A, B = "segment_to_vero", "vero_to_segment"
 LIMITS = Limits(lease_seconds=30, max_attempts=25, max_age_seconds=72 * 3600)
@@ -334,6 +336,103 @@ def test_a_run_too_big_for_one_request_goes_in_order_one_request_at_a_time(store
         assert [seq for batch in sent for seq in batch] == list(range(20))
     finally:
         segment.stop()
+
+
+# -- a store that fails -------------------------------------------------------------
+
+
+def outbox_lines(caplog) -> list[tuple[int, str, dict]]:
+    """What the lanes said about the store: level, message, and the counts."""
+    return [
+        (
+            record.levelno,
+            record.getMessage(),
+            {
+                key: getattr(record, key)
+                for key in ("failures", "failing_seconds")
+                if hasattr(record, key)
+            },
+        )
+        for record in caplog.records
+        if record.name == "service.outbox.delivery" and "outbox" in record.getMessage()
+    ]
+
+
+def test_a_store_that_keeps_failing_is_logged_once_then_once_a_minute_then_when_it_answers(
+    tmp_path, caplog
+):
+    # The outbox's volume is gone: no connection can open. The lane tries
+    # again every few polls, and says so once, then once a minute of its
+    # clock (which moves only when the test says), then once when it answers.
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    store = open_store(f"sqlite:///{volume}/outbox.db")
+    volume.rmdir()
+    clock = FakeClock()
+    deliverer = Deliverer(store, [ScriptedSender()], LIMITS, poll_seconds=0.01, clock=clock)
+    outage = deliverer.lanes[A].outage
+    caplog.set_level(logging.INFO, logger="service.outbox.delivery")
+    deliverer.start()
+    try:
+        wait_for(lambda: outage.total >= 6)
+        first = outbox_lines(caplog)
+        assert len(first) == 1, first
+        level, message, _ = first[0]
+        assert level == logging.WARNING
+        assert message.startswith("outbox unavailable: ") and "does not exist" in message
+
+        clock.advance(60)
+        wait_for(lambda: len(outbox_lines(caplog)) == 2)
+        seen = outage.total
+        wait_for(lambda: outage.total >= seen + 6)  # failing on, within the same minute
+        clock.advance(30)
+        wait_for(lambda: outage.total >= seen + 12)
+        clock.advance(30)
+        wait_for(lambda: len(outbox_lines(caplog)) == 3)
+
+        volume.mkdir()  # back: the next claim opens it
+        wait_for(lambda: len(outbox_lines(caplog)) == 4)
+    finally:
+        deliverer.stop(timeout=10)
+        store.close()
+    lines = outbox_lines(caplog)
+    assert [(level, message.split(":")[0]) for level, message, _ in lines] == [
+        (logging.WARNING, "outbox unavailable"),
+        (logging.WARNING, "outbox still unavailable"),
+        (logging.WARNING, "outbox still unavailable"),
+        (logging.INFO, "outbox available again"),
+    ]
+    (_, _, minute), (_, _, second), (_, _, back) = lines[1:]
+    # Each line counts the failures since the one before; the last, the outage's.
+    assert minute["failures"] >= 5 and minute["failing_seconds"] == 60
+    assert second["failures"] >= 12 and second["failing_seconds"] == 120
+    assert back["failures"] >= 1 + minute["failures"] + second["failures"]
+    assert back["failing_seconds"] >= 120
+    assert outage.since is None
+
+
+def test_while_postgresql_does_not_answer_the_lane_says_so_without_the_password(caplog):
+    pytest.importorskip("psycopg")
+    password = "n0t-a-real-Passw0rd"
+    port = free_port()  # nothing listens there
+    store = open_store(f"postgresql://bridge:{password}@127.0.0.1:{port}/test")
+    clock = FakeClock()
+    deliverer = Deliverer(store, [ScriptedSender()], LIMITS, poll_seconds=0.01, clock=clock)
+    outage = deliverer.lanes[A].outage
+    caplog.set_level(logging.INFO, logger="service.outbox.delivery")
+    deliverer.start()
+    try:
+        wait_for(lambda: outage.total >= 4)
+        assert len(outbox_lines(caplog)) == 1
+        clock.advance(60)
+        wait_for(lambda: len(outbox_lines(caplog)) == 2)
+    finally:
+        deliverer.stop(timeout=10)
+        store.close()
+    (level, first, _), (_, again, counts) = outbox_lines(caplog)[:2]
+    assert level == logging.WARNING and f"127.0.0.1:{port}" in first
+    assert again.startswith("outbox still unavailable: ") and counts["failures"] >= 3
+    assert password not in caplog.text
 
 
 # -- metrics ----------------------------------------------------------------------------

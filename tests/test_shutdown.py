@@ -302,3 +302,66 @@ def test_a_quick_stop_after_sigterm_lets_every_worker_finish_its_exit(tmp_path, 
             os.killpg(proc.pid, signal.SIGKILL)
         vero.stop()
         segment.stop()
+
+
+# Past this a run is certainly stuck: gunicorn's master kills a worker that
+# has not exited 25 s after a quick stop, and then exits itself.
+STUCK_SECONDS = 40.0
+
+
+@pytest.mark.parametrize("first", ["SIGINT", "SIGQUIT"], ids=["group SIGINT", "master SIGINT"])
+def test_a_quick_stop_while_the_main_loop_holds_the_pool_lock_lets_the_worker_exit(first, tmp_path):
+    """A signal handler runs on the main thread wherever it was interrupted,
+    and gthread's main loop holds its thread pool's lock whenever it hands a
+    connection over. gthread's quick stop shut the pool down, under that
+    lock, inside the handler: a stop arriving then waited for itself until
+    the master killed the worker (3 quick stops of 140 under load took the
+    25 s of the graceful timeout). tests/gunicorn_stop_in_submit.py sends the
+    stop at exactly that moment: SIGINT to the worker as a platform's SIGINT
+    to the group does, or the SIGQUIT that follows a SIGINT to the master;
+    the master sends SIGQUIT after either. Every worker must log its own
+    exit, which a killed one never does."""
+    vero, segment = Upstream(slow_ok).start(), Upstream(slow_ok).start()
+    port = free_port()
+    armed = tmp_path / "armed"
+    env = {
+        "PATH": f"{GUNICORN.parent}:{os.environ['PATH']}",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "STOP_IN_SUBMIT_ARMED": str(armed),
+        "STOP_IN_SUBMIT_SIGNAL": first,
+        **service_env(f"sqlite:///{tmp_path}/outbox.db", vero.url, segment.url),
+    }
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "web.log"
+    proc = subprocess.Popen(
+        ["sh", "-c", procfile_line("web") + " -c tests/gunicorn_stop_in_submit.py"],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        ready(url, [proc], [log])
+        armed.touch()
+        with Load(url, uuid.uuid4().hex[:6]):
+            try:
+                code = proc.wait(STUCK_SECONDS)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"running {STUCK_SECONDS}s after the quick stop:\n{log.read_text()}")
+        wait_until(lambda: not group_alive(proc.pid), 5, "workers still running")
+        text = log.read_text()
+        assert code == 0, text
+        assert "Handling signal: int" in text, text  # the stop came from inside submit
+        booted = set(re.findall(r"Booting worker with pid: (\d+)", text))
+        exited = set(re.findall(r"Worker exiting \(pid: (\d+)\)", text))
+        killed = booted - exited
+        assert booted and not killed, f"worker(s) {sorted(killed)} killed, not exited:\n{text}"
+        assert "SIGKILL" not in text, text
+        assert all(line.startswith("{") for line in text.splitlines()), text
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        vero.stop()
+        segment.stop()

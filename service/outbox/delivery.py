@@ -33,6 +33,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from service.outbox import DEAD, DELIVERED, PENDING, Item, Settlement, Store, StoreError
+from service.outbox.outage import Line, Outage
 from service.retry import (
     BACKOFF_CAP_SECONDS,
     HEALTHY_BACKOFF_CAP_SECONDS,
@@ -306,6 +307,7 @@ class Lane:
         self.claimer: threading.Thread | None = None
         self.settled = 0  # items settled, for `drain`
         self.error: Exception | None = None  # what ended a drain
+        self.outage = Outage()  # the claiming thread's: the claimer, or run_once's caller
 
     # -- claiming and settling -------------------------------------------------
 
@@ -328,6 +330,7 @@ class Lane:
         items = self.deliverer.store.claim(
             self.direction, limit, lease, now, whole_runs=self.sender.whole_runs
         )
+        self._say(self.outage.answered(now))
         if not items:
             return [], False
         units = [Unit(group, now, now + lease) for group in self.sender.units(items) if group]
@@ -348,6 +351,7 @@ class Lane:
             ],
             now,
         )
+        self._say(self.outage.answered(now))
         self.settled += len(done)
         # Counted once the store has them, so the metrics never show a
         # delivery that the outbox still holds as pending.
@@ -420,7 +424,8 @@ class Lane:
             try:
                 more = self._round()
             except StoreError as exc:
-                log.warning("outbox unavailable: %s", exc, extra={"direction": self.direction})
+                # The first failure at once, then a line a minute at most.
+                self._say(self.outage.failed(deliverer.clock.time(), str(exc)))
                 if until_idle:
                     self.error = exc
                     break
@@ -459,6 +464,10 @@ class Lane:
                 self.work_ready.notify(len(units))
                 self._spawn()
         return more
+
+    def _say(self, line: Line | None) -> None:
+        if line is not None:
+            log.log(line.level, line.message, extra={"direction": self.direction, **line.fields})
 
     def _idle(self, more: bool) -> bool:
         """Nothing in hand and nothing due (or the upstream paused)."""
