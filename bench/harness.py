@@ -24,6 +24,7 @@ from pathlib import Path
 from bench import backlog, bodies, latency, paced, wrk
 from bench.service import ROOT, Gunicorn, pending_depth, stop_all, stored_count
 from bench.standin import SEGMENT_REPLY, VERO_REPLY, StandIn
+from service import delivery_seat
 
 OUT = ROOT / "bench" / "out"
 SECRET = "bench-shared-secret"
@@ -62,6 +63,9 @@ class Run:
         self.results: dict[str, dict] = {}
         self.counter = 0
         self.workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 2))
+        # Processes that deliver on the web line: the one holding the delivery
+        # seat, or every worker where there is none (service/delivery_seat.py).
+        self.delivering = 1 if delivery_seat.SUPPORTED else self.workers
 
     def fresh(self, name: str) -> Path:
         self.counter += 1
@@ -390,7 +394,7 @@ def deliver_a(run: Run) -> None:
     from service.config import Config
     from service.segment_to_vero.sender import VeroSender
 
-    threads = run.workers * VeroSender(Config(vero_auth_token="x")).max_in_flight
+    threads = run.delivering * VeroSender(Config(vero_auth_token="x")).max_in_flight
     calls = standin.captured()
     requests_file = Path(standin.out_dir) / "replay.jsonl"
     requests_file.write_text("".join(json.dumps(call) + "\n" for call in calls))
@@ -432,7 +436,7 @@ def deliver_b(run: Run) -> None:
     from service.config import Config
     from service.vero_to_segment.sender import SegmentSender
 
-    threads = run.workers * SegmentSender(Config(segment_write_key="x")).max_in_flight
+    threads = run.delivering * SegmentSender(Config(segment_write_key="x")).max_in_flight
     singles = [
         ["POST", "/v1/track", json.dumps(message)]
         for _, _, body in standin.captured()

@@ -186,7 +186,7 @@ def drain(run) -> None:
             run.stop_service(service)
     instant_rate = rate_of(list(instant.arrivals().values()))
 
-    baseline = plain_baseline(where, count, run.workers * ceiling)
+    baseline = plain_baseline(where, count, run.delivering * ceiling)
     run.results["latency_drain"] = {
         "count": count,
         "rate": rate,
