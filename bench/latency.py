@@ -433,7 +433,7 @@ def rows(results: dict) -> list[str]:
                 f"| drain at 150 ms (PostgreSQL, web + worker) | {p['rate']:,.0f} Vero calls/s "
                 f"({p['count']:,} identifies by the one `worker:` process; its peak RSS "
                 f"{p['worker_rss_mb']:.0f} MB; exit {p['worker_exit']} on SIGTERM) | the SQLite "
-                f"drain above, two processes: {drain_rate:,.0f} calls/s | "
+                f"drain above (web line): {drain_rate:,.0f} calls/s | "
                 f"{p['rate'] / one_window:.2f} of one window's {one_window:,.0f} calls/s | "
                 f"reported (one process) | {verdict(p['complete'] and p['worker_exit'] == 0)} |"
             )
