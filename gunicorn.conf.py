@@ -126,6 +126,9 @@ def post_worker_init(worker):
     else:
 
         def deliver_too(seat):
+            if runtime.deliverer.stop_requested:  # the holder left because the server stops
+                seat.close()
+                return
             worker.log.info("Worker %s took the free delivery seat: it delivers too", worker.pid)
             runtime.start_delivery(seat)
 

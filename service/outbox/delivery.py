@@ -240,6 +240,10 @@ class Deliverer:
         first handler holds it would wait on that lock forever."""
         self._stop_requested = True
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested or self.stopping.is_set()
+
     def _watch_for_stop(self) -> None:
         while not self.stopping.is_set():
             if self._stop_requested:
