@@ -358,6 +358,16 @@ def outbox_lines(caplog) -> list[tuple[int, str, dict]]:
     ]
 
 
+def started_on_failing(store, caplog):
+    """A started deliverer on `store`, polling fast on a clock the test moves,
+    with its lane's outage record; its log lines captured."""
+    clock = FakeClock()
+    deliverer = Deliverer(store, [ScriptedSender()], LIMITS, poll_seconds=0.01, clock=clock)
+    caplog.set_level(logging.INFO, logger="service.outbox.delivery")
+    deliverer.start()
+    return deliverer, deliverer.lanes[A].outage, clock
+
+
 def test_a_store_that_keeps_failing_is_logged_once_then_once_a_minute_then_when_it_answers(
     tmp_path, caplog
 ):
@@ -368,11 +378,7 @@ def test_a_store_that_keeps_failing_is_logged_once_then_once_a_minute_then_when_
     volume.mkdir()
     store = open_store(f"sqlite:///{volume}/outbox.db")
     volume.rmdir()
-    clock = FakeClock()
-    deliverer = Deliverer(store, [ScriptedSender()], LIMITS, poll_seconds=0.01, clock=clock)
-    outage = deliverer.lanes[A].outage
-    caplog.set_level(logging.INFO, logger="service.outbox.delivery")
-    deliverer.start()
+    deliverer, outage, clock = started_on_failing(store, caplog)
     try:
         wait_for(lambda: outage.total >= 6)
         first = outbox_lines(caplog)
@@ -416,11 +422,7 @@ def test_while_postgresql_does_not_answer_the_lane_says_so_without_the_password(
     password = "n0t-a-real-Passw0rd"
     port = free_port()  # nothing listens there
     store = open_store(f"postgresql://bridge:{password}@127.0.0.1:{port}/test")
-    clock = FakeClock()
-    deliverer = Deliverer(store, [ScriptedSender()], LIMITS, poll_seconds=0.01, clock=clock)
-    outage = deliverer.lanes[A].outage
-    caplog.set_level(logging.INFO, logger="service.outbox.delivery")
-    deliverer.start()
+    deliverer, outage, clock = started_on_failing(store, caplog)
     try:
         wait_for(lambda: outage.total >= 4)
         assert len(outbox_lines(caplog)) == 1
