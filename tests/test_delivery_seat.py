@@ -165,3 +165,29 @@ def test_under_gunicorn_one_extra_worker_delivers_woken_at_once_and_is_replaced(
             assert "took the free delivery seat" not in service.logs()
     finally:
         vero.stop()
+
+
+def test_a_server_of_one_worker_serves_and_delivers(tmp_path):
+    # gunicorn's own options (the web line passes them on, as does
+    # GUNICORN_CMD_ARGS) override gunicorn.conf.py's count, one more than
+    # WEB_CONCURRENCY: the only worker must not stop serving to deliver.
+    vero = Upstream().start()
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/outbox.db",
+        "VERO_AUTH_TOKEN": "seat-vero-token",
+        "VERO_API_URL": vero.url,
+        "SEGMENT_SHARED_SECRET": SECRET,
+    }
+    try:
+        with Service(env, tmp_path / "service.log", args=("--workers", "1")) as service:
+            answer = requests.post(
+                service.url + "/v1/identify",
+                json={"userId": "alone", "messageId": uuid.uuid4().hex},
+                auth=(SECRET, ""),
+                timeout=5,
+            )
+            assert answer.status_code == 200, answer.text
+            wait_until(lambda: len(vero.snapshot()) == 1, 15, "the only worker did not deliver")
+            assert not deliverers(service.logs())
+    finally:
+        vero.stop()
