@@ -121,7 +121,9 @@ def post_worker_init(worker):
     runtime.ring = delivery_seat.Doorbell(worker.ppid).ring
     seat = delivery_seat.take(worker.ppid)
     if seat is not None:
-        worker.serves = False
+        # gunicorn's own --workers (or GUNICORN_CMD_ARGS) overrides the count
+        # above: a lone worker that stopped serving would leave none.
+        worker.serves = worker.cfg.workers < 2
         runtime.start_delivery(seat)
     else:
 

@@ -9,7 +9,8 @@ and write, and ingest fell to about half while a backlog drained
 (bench/RESULTS.md). Apart, the two share only the cores.
 
 The seat is a Unix datagram socket in Linux's abstract namespace, named after
-the master's pid, so each server (and each test's server) has its own:
+the master's pid and pid namespace, so each server (and each test's server)
+has its own:
 - binding the name succeeds for one process only, and the kernel frees it
   when that process ends, however it ends: no lock file to clean up;
 - the same socket receives the doorbell the serving workers ring after each
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import sys
 import threading
@@ -41,7 +43,20 @@ SUCCESSOR_GRACE_SECONDS = 5.0
 
 
 def _address(master_pid: int) -> bytes:
-    return b"\0vero-bridge-delivery-%d" % master_pid
+    # A pid alone names a process only within its pid namespace, and
+    # containers sharing a network namespace (host networking, a pod) share
+    # the abstract names while each one's master has the same pid: with the
+    # namespace in the name, each server has a seat of its own.
+    return b"\0vero-bridge-delivery-%d-%d" % (_pid_namespace(), master_pid)
+
+
+def _pid_namespace() -> int:
+    """The inode of this process's pid namespace, which its master shares
+    (0 where /proc does not say)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def take(master_pid: int) -> socket.socket | None:

@@ -115,8 +115,9 @@ class Worker(ThreadWorker):
     loop; and that the worker holding the delivery seat serves no requests."""
 
     quitting = False
-    # False on the worker that holds its server's delivery seat
-    # (service/delivery_seat.py; set by gunicorn.conf.py's post_worker_init).
+    # False on the worker that holds its server's delivery seat, unless it is
+    # the only worker (service/delivery_seat.py; set by gunicorn.conf.py's
+    # post_worker_init).
     serves = True
 
     def handle_error(self, req, client, addr, exc):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ import requests
 
 from service import delivery_seat
 from tests.standin import Upstream
-from tests.support import Service
+from tests.support import GUNICORN, ROOT, Service, free_port
 from tests.test_shutdown import wait_until
 
 pytestmark = pytest.mark.skipif(
@@ -165,3 +166,113 @@ def test_under_gunicorn_one_extra_worker_delivers_woken_at_once_and_is_replaced(
             assert "took the free delivery seat" not in service.logs()
     finally:
         vero.stop()
+
+
+def test_a_server_of_one_worker_serves_and_delivers(tmp_path):
+    # gunicorn's own options (the web line passes them on, as does
+    # GUNICORN_CMD_ARGS) override gunicorn.conf.py's count, one more than
+    # WEB_CONCURRENCY: the only worker must not stop serving to deliver.
+    vero = Upstream().start()
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/outbox.db",
+        "VERO_AUTH_TOKEN": "seat-vero-token",
+        "VERO_API_URL": vero.url,
+        "SEGMENT_SHARED_SECRET": SECRET,
+    }
+    try:
+        with Service(env, tmp_path / "service.log", args=("--workers", "1")) as service:
+            answer = requests.post(
+                service.url + "/v1/identify",
+                json={"userId": "alone", "messageId": uuid.uuid4().hex},
+                auth=(SECRET, ""),
+                timeout=5,
+            )
+            assert answer.status_code == 200, answer.text
+            wait_until(lambda: len(vero.snapshot()) == 1, 15, "the only worker did not deliver")
+            assert not deliverers(service.logs())
+    finally:
+        vero.stop()
+
+
+def _in_own_pid_namespace(command: list[str]) -> list[str]:
+    # As in a container: the server's master is pid 1 of its own namespace.
+    return ["unshare", "--pid", "--fork", "--mount-proc", *command]
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(_in_own_pid_namespace(["true"]), timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def test_servers_whose_masters_share_a_pid_each_deliver(tmp_path):
+    """Containers on one network namespace (host networking, a pod) see the
+    same abstract socket names, and each container's master has the same pid:
+    each server still has a seat of its own, and delivers its own outbox."""
+    if not _unshare_works():
+        pytest.skip("needs unshare(1) and the right to make pid namespaces")
+    vero = Upstream().start()
+    servers: list[tuple[subprocess.Popen, str]] = []
+    try:
+        for number in range(2):
+            port = free_port()
+            env = {
+                "PATH": os.environ["PATH"],
+                "DATABASE_URL": f"sqlite:///{tmp_path}/outbox-{number}.db",
+                "VERO_AUTH_TOKEN": "seat-vero-token",
+                "VERO_API_URL": vero.url,
+                "SEGMENT_SHARED_SECRET": SECRET,
+                "WEB_CONCURRENCY": "1",
+            }
+            command = [str(GUNICORN), "wsgi:app", "--bind", f"127.0.0.1:{port}"]
+            with open(tmp_path / f"service-{number}.log", "ab") as log:
+                proc = subprocess.Popen(
+                    _in_own_pid_namespace(command),
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            servers.append((proc, f"http://127.0.0.1:{port}"))
+
+        def logs(number: int) -> str:
+            return (tmp_path / f"service-{number}.log").read_text(errors="replace")
+
+        for number, (_, url) in enumerate(servers):
+            wait_until(lambda url=url: _answers(url), 30, f"server {number} did not answer")
+            wait_until(
+                lambda number=number: bool(deliverers(logs(number))),
+                30,
+                f"server {number} has no deliverer",
+            )
+            answer = requests.post(
+                url + "/v1/identify",
+                json={"userId": f"server-{number}", "messageId": uuid.uuid4().hex},
+                auth=(SECRET, ""),
+                timeout=5,
+            )
+            assert answer.status_code == 200, answer.text
+
+        def users() -> list[str]:
+            return sorted(received.json["id"] for received in vero.snapshot())
+
+        wait_until(lambda: users() == ["server-0", "server-1"], 15, "a server did not deliver")
+    finally:
+        for proc, _ in servers:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc, _ in servers:
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        vero.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url + "/healthz", timeout=1).status_code == 200
+    except (requests.ConnectionError, requests.Timeout):
+        return False
