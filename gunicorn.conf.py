@@ -118,8 +118,15 @@ def post_worker_init(worker):
     if not delivery_seat.SUPPORTED:
         runtime.start_delivery()
         return
+    try:
+        seat = delivery_seat.take(worker.ppid)
+    except OSError as exc:
+        worker.log.warning(
+            "Worker %s cannot use a delivery seat (%s): every worker delivers", worker.pid, exc
+        )
+        runtime.start_delivery()
+        return
     runtime.ring = delivery_seat.Doorbell(worker.ppid).ring
-    seat = delivery_seat.take(worker.ppid)
     if seat is not None:
         # gunicorn's own --workers (or GUNICORN_CMD_ARGS) overrides the count
         # above: a lone worker that stopped serving would leave none.

@@ -25,6 +25,7 @@ development), every worker delivers, as before.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -65,9 +66,11 @@ def take(master_pid: int) -> socket.socket | None:
     seat = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         seat.bind(_address(master_pid))
-    except OSError:
+    except OSError as exc:
         seat.close()
-        return None
+        if exc.errno == errno.EADDRINUSE:
+            return None
+        raise  # abstract sockets refused (a sandbox): not a seat held by another
     return seat
 
 
@@ -121,7 +124,10 @@ def watch_for_vacancy(
     def loop() -> None:
         vacant_since = None
         while not stopping.wait(VACANCY_SECONDS):
-            seat = take(master_pid)
+            try:
+                seat = take(master_pid)
+            except OSError:
+                continue
             if seat is None:
                 vacant_since = None
                 continue
