@@ -137,6 +137,7 @@ class SQLiteBacklog:
         with contextlib.closing(sqlite3.connect(self.path)) as conn:
             conn.execute("PRAGMA synchronous = OFF")  # setup only: the drain runs as configured
             with conn:
+                (before,) = conn.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()
                 conn.executemany(
                     "INSERT INTO outbox (direction, dedup_key, order_key, payload, available_at,"
                     " created_at, updated_at, head) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -144,6 +145,12 @@ class SQLiteBacklog:
                         (A, key, user, PAYLOAD, at, at, at, head)
                         for key, user, head in backlog_rows(shape, n, at, tag)
                     ),
+                )
+                # Each item's key, as enqueue writes it.
+                conn.execute(
+                    "INSERT INTO outbox_keys (direction, dedup_key)"
+                    " SELECT direction, dedup_key FROM outbox WHERE id > ?",
+                    (before,),
                 )
                 conn.execute(
                     "INSERT INTO outbox_counts (direction, state, n) VALUES (?, 'pending', ?)"
