@@ -8,11 +8,17 @@ the delivery loop uses it: claim CLAIM_SIZE items, settle them all as
 delivered (an in-process sender that succeeds at once), until nothing is left.
 The rate is N over the time the drain takes.
 
-Each row is a ratio to the 1,000-item rate of the same store and shape with
-fresh statistics. A drain of 1,000 takes a tenth of a second, so one hiccup of
-a shared machine halves it: every 1,000-item figure is the median of
-REPEATS drains, and the baseline's drains are spread over the phase
-(BASELINE_SAMPLES before each larger drain).
+Each figure is a ratio to the 1,000-item rate of the same store and shape with
+fresh statistics, taken beside it: BASELINE_SAMPLES drains of 1,000 right
+before it and as many right after, so a shared machine's swings, which last
+minutes, reach both sides of the ratio. A drain of 1,000 takes a tenth of a
+second, so one hiccup halves it: the baseline is the median of its drains, and
+a 1,000-item figure is itself the median of REPEATS drains.
+
+Dedup keys are random, like the messageIds real traffic has (uuid4-style,
+from a seeded generator, so every run queues the same ones): sequential keys
+would make every index on them cheap to write, at the end, where real keys
+land anywhere.
 
 - Shapes: A, one item each from N users; B, the first half from 20 users whose
   work built up while the upstream was down (interleaved, as it arrived), then
@@ -39,6 +45,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import shutil
 import sqlite3
 import statistics
@@ -95,15 +102,20 @@ PAYLOAD = json.dumps(
 
 def backlog_rows(shape: str, n: int, at: float, tag: str) -> Iterator[tuple]:
     """(dedup_key, order_key, head) for each item, in the order they were queued."""
+    keys = random.Random(tag)
+
+    def message_id() -> str:
+        return str(uuid.UUID(int=keys.getrandbits(128), version=4))
+
     if shape == "B":
         built_up = n // 2
         for i in range(built_up):
-            yield (f"{tag}-{i}", f"{tag}-heavy{i % HEAVY_USERS}", i < HEAVY_USERS)
+            yield (message_id(), f"{tag}-heavy{i % HEAVY_USERS}", i < HEAVY_USERS)
         first_new = built_up
     else:
         first_new = 0
     for i in range(first_new, n):
-        yield (f"{tag}-{i}", f"{tag}-user{i}", True)
+        yield (message_id(), f"{tag}-user{i}", True)
 
 
 # -- the stores ---------------------------------------------------------------
@@ -125,6 +137,7 @@ class SQLiteBacklog:
         with contextlib.closing(sqlite3.connect(self.path)) as conn:
             conn.execute("PRAGMA synchronous = OFF")  # setup only: the drain runs as configured
             with conn:
+                (before,) = conn.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()
                 conn.executemany(
                     "INSERT INTO outbox (direction, dedup_key, order_key, payload, available_at,"
                     " created_at, updated_at, head) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -132,6 +145,12 @@ class SQLiteBacklog:
                         (A, key, user, PAYLOAD, at, at, at, head)
                         for key, user, head in backlog_rows(shape, n, at, tag)
                     ),
+                )
+                # Each item's key, as enqueue writes it.
+                conn.execute(
+                    "INSERT INTO outbox_keys (direction, dedup_key)"
+                    " SELECT direction, dedup_key FROM outbox WHERE id > ?",
+                    (before,),
                 )
                 conn.execute(
                     "INSERT INTO outbox_counts (direction, state, n) VALUES (?, 'pending', ?)"
@@ -254,9 +273,13 @@ class Drain:
     worst_round_ms: float
     plans: list[str] = field(default_factory=list)
     wall: float = 0.0  # the whole drain, setup included
+    # Which figure it belongs to: a measured drain and the baseline drains
+    # taken beside it share a group.
+    group: int = 0
+    role: str = "measured"
 
 
-def drain(make, shape: str, stats: str, size: int) -> Drain:
+def drain(make, shape: str, stats: str, size: int, group: int, role: str = "measured") -> Drain:
     began = time.monotonic()
     backlog = make()
     store = backlog.open()
@@ -283,6 +306,8 @@ def drain(make, shape: str, stats: str, size: int) -> Drain:
             seconds,
             worst * 1000,
             list(filter(None, plans)),
+            group=group,
+            role=role,
         )
         done.wall = time.monotonic() - began
         return done
@@ -321,6 +346,20 @@ def run(store: Store, expected: int, halfway=None) -> tuple[float, float]:
 
 
 # -- the phase ----------------------------------------------------------------------
+
+
+def figure(make, shape: str, stats: str, size: int, group: int) -> tuple[list[Drain], list[Drain]]:
+    """One figure's drains, and the baseline drains right before and after them."""
+    before = [
+        drain(make, shape, "fresh", BASELINE, group, "baseline") for _ in range(BASELINE_SAMPLES)
+    ]
+    measured = [
+        drain(make, shape, stats, size, group) for _ in range(REPEATS if size == BASELINE else 1)
+    ]
+    after = [
+        drain(make, shape, "fresh", BASELINE, group, "baseline") for _ in range(BASELINE_SAMPLES)
+    ]
+    return before + after, measured
 
 
 def stores_available(where: Path, wanted: list[str]) -> tuple[list, dict[str, str]]:
@@ -363,23 +402,24 @@ def measure(sizes: tuple[int, ...], stores: list[str], log=print) -> dict:
     results: dict = {"drains": [], "skipped": {}, "sizes": list(sizes), "claim_size": CLAIM_SIZE}
     try:
         makers, results["skipped"] = stores_available(where, stores)
+        group = 0
         for name, make in makers:
             for shape in SHAPES:
                 for stats in STATS:
                     for size in sizes:
-                        if size != BASELINE:
-                            # Baseline samples beside each larger drain.
-                            for _ in range(BASELINE_SAMPLES):
-                                results["drains"].append(
-                                    vars(drain(make, shape, "fresh", BASELINE))
-                                )
-                        for _ in range(REPEATS if size == BASELINE else 1):
-                            done = drain(make, shape, stats, size)
-                            results["drains"].append(vars(done))
+                        if (stats, size) == ("fresh", BASELINE):
+                            continue  # the baseline itself, taken beside every other figure
+                        group += 1
+                        beside, measured = figure(make, shape, stats, size, group)
+                        results["drains"] += [vars(d) for d in beside + measured]
+                        rate = statistics.median(d.rate for d in measured)
+                        base = statistics.median(d.rate for d in beside)
                         log(
                             f"  [{time.monotonic() - started:5.0f}s] {name} {shape} {stats}"
-                            f" {size:>9,}: {done.rate:8,.0f}/s in {done.seconds:6.1f} s,"
-                            f" slowest round {done.worst_round_ms:.0f} ms {done.plans}"
+                            f" {size:>9,}: {rate:8,.0f}/s ({rate / base:.2f}x of {base:,.0f}/s"
+                            f" beside it), last in {measured[-1].seconds:6.1f} s,"
+                            f" slowest round {max(d.worst_round_ms for d in measured):.0f} ms"
+                            f" {measured[-1].plans}"
                         )
     finally:
         shutil.rmtree(where, ignore_errors=True)
@@ -400,57 +440,50 @@ def phase(run) -> None:
     )
 
 
-def baseline(results: dict, store: str, shape: str) -> float:
-    rates = [
-        d["rate"]
-        for d in results["drains"]
-        if (d["store"], d["shape"], d["stats"], d["size"]) == (store, shape, "fresh", BASELINE)
-    ]
-    return statistics.median(rates)
-
-
 def rows(results: dict) -> list[str]:
-    """The table rows: one per store, shape and state of statistics."""
+    """The table rows: one per store, shape and state of statistics. Each
+    figure is divided by the baseline taken beside it (its group's)."""
     lines = []
     for store, reason in results.get("skipped", {}).items():
         lines.append(f"| backlog drain, {store} | skipped: {reason} | - | - | - | - |")
+    drains = results.get("drains", [])
     seen = []
-    for d in results.get("drains", []):
+    for d in drains:
         key = (d["store"], d["shape"], d["stats"])
-        if key not in seen:
+        if d["role"] == "measured" and key not in seen:
             seen.append(key)
     for store, shape, stats in seen:
-        base = baseline(results, store, shape)
-        cells, ratios = [], []
+        cells, ratios, bases, took = [], [], [], 0.0
         for size in results["sizes"]:
             mine = [
                 d
-                for d in results["drains"]
-                if (d["store"], d["shape"], d["stats"], d["size"]) == (store, shape, stats, size)
+                for d in drains
+                if d["role"] == "measured"
+                and (d["store"], d["shape"], d["stats"], d["size"]) == (store, shape, stats, size)
             ]
-            if stats == "fresh" and size == BASELINE:
+            if not mine:
                 continue
+            (group,) = {d["group"] for d in mine}
+            beside = [d for d in drains if d["group"] == group and d["role"] == "baseline"]
             rate = statistics.median(d["rate"] for d in mine)
-            ratio = rate / base
-            ratios.append(ratio)
+            base = statistics.median(d["rate"] for d in beside)
+            ratios.append(rate / base)
+            bases.append(base)
+            took += sum(d["wall"] for d in mine + beside)
             seconds = statistics.median(d["seconds"] for d in mine)
-            cells.append(f"{size:,}: {rate:,.0f}/s ({ratio:.2f}x, {seconds:.1f} s)")
-        samples = sum(
-            1
-            for d in results["drains"]
-            if (d["store"], d["shape"], d["stats"], d["size"]) == (store, shape, "fresh", BASELINE)
-        )
+            cells.append(
+                f"{size:,}: {rate:,.0f}/s against {base:,.0f}/s"
+                f" ({rate / base:.2f}x, {seconds:.1f} s)"
+            )
         worst = min(ratios)
-        took = sum(
-            d["wall"]
-            for d in results["drains"]
-            if (d["store"], d["shape"], d["stats"]) == (store, shape, stats)
-        )
         lines.append(
             f"| backlog drain, {store}, shape {shape}, statistics {stats} | {'; '.join(cells)}"
             f" (row: {took:.0f} s with setup)"
-            f" | 1,000 queued, fresh statistics: {base:,.0f}/s (median of {samples})"
-            f" | worst {worst:.2f}x | >= {TARGET}x at every size | {'met' if worst >= TARGET else 'NOT met'} |"
+            f" | 1,000 queued, fresh statistics, beside each figure (median of"
+            f" {2 * BASELINE_SAMPLES}, half before and half after): {min(bases):,.0f}"
+            f" to {max(bases):,.0f}/s"
+            f" | worst {worst:.2f}x | >= {TARGET}x at every size |"
+            f" {'met' if worst >= TARGET else 'NOT met'} |"
         )
     return lines
 

@@ -1,7 +1,12 @@
-"""An outbox written by the previous version (schema 1: one `outbox` table with
-a `state` column) is migrated when a store first opens it, with nothing lost:
-pending, in-flight, backing-off, dead and delivered work, on both stores, also
-when several processes start on it at once."""
+"""An outbox written by an earlier version is migrated when a store first opens
+it, with nothing lost: pending, in-flight, backing-off, dead and delivered work,
+every key still recognised, and no id handed out again; also when several
+processes start on it at once.
+
+The earlier versions: schema 1 (one `outbox` table with a `state` column), on
+both stores; on SQLite also schema 2 (finished work in `outbox_history`, each
+table with its own UNIQUE (direction, dedup_key)), which version 3 replaces by
+`outbox_keys`."""
 
 from __future__ import annotations
 
@@ -73,11 +78,45 @@ def make_v1_postgres(url: str) -> None:
         conn.execute("SELECT setval(pg_get_serial_sequence('outbox', 'id'), 9)")
 
 
-@pytest.fixture
-def v1_url(store_url):
-    """A store URL whose database holds the V1_ROWS, at schema version 1."""
-    (make_v1_sqlite if store_url.startswith("sqlite") else make_v1_postgres)(store_url)
-    return store_url
+# Since the upgrade to version 2, ids up to this one were handed out,
+# delivered and purged: new work must still get higher ones.
+V2_LAST_ID = 12
+
+
+def make_v2_sqlite(url: str) -> None:
+    # The previous version made every file, new or upgraded, by migrations 1
+    # and 2 in turn, and wrote it through their layout.
+    make_v1_sqlite(url)
+    with sqlite3.connect(url[len("sqlite:///") :]) as conn:
+        for statement in filter(str.strip, sqlite_store.MIGRATIONS[2].split(";")):
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 2")
+        conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'outbox'", (V2_LAST_ID,))
+
+
+@pytest.fixture(
+    params=[
+        ("sqlite", 1),
+        ("sqlite", 2),
+        pytest.param(("postgres", 1), marks=pytest.mark.postgres),
+    ],
+    ids=["sqlite-v1", "sqlite-v2", "postgres-v1"],
+)
+def old_store(request, tmp_path):
+    """(URL, the highest id ever handed out) of a database that holds the
+    V1_ROWS, as an earlier schema version left them."""
+    kind, version = request.param
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path}/outbox.db"
+        (make_v1_sqlite if version == 1 else make_v2_sqlite)(url)
+        return url, 9 if version == 1 else V2_LAST_ID
+    url = request.getfixturevalue("postgres_url")
+    make_v1_postgres(url)
+    return url, 9
+
+
+def current_version(url: str) -> int:
+    return (sqlite_store if url.startswith("sqlite") else pg_store).SCHEMA_VERSION
 
 
 def schema_version(url: str) -> int:
@@ -98,8 +137,9 @@ def delivered(items, now) -> list[Settlement]:
     return [Settlement(item, DELIVERED, now, None, item.progress, item.attempts) for item in items]
 
 
-def test_everything_stored_before_the_upgrade_is_there_after_it(v1_url):
-    store = open_store(v1_url)
+def test_everything_stored_before_the_upgrade_is_there_after_it(old_store):
+    url, last_id = old_store
+    store = open_store(url)
     try:
         now = T0 + 10
         assert store.counts(now) == {
@@ -111,14 +151,15 @@ def test_everything_stored_before_the_upgrade_is_there_after_it(v1_url):
             (B, PENDING): 1,
         }
         assert store.oldest_pending() == {A: T0 + 1, B: T0 + 6}
-        assert schema_version(v1_url) == 2
+        assert schema_version(url) == current_version(url)
 
-        # Every key is still known, whatever became of its item.
-        assert (
-            store.enqueue(A, [Accept(k, "x", {}) for k in ("a1", "b1", "a3", "e1")], now)
-            == [False] * 4
-        )
-        assert store.enqueue(B, [Accept("w1", "x", {})], now) == [False]
+        # Every key is still known, whatever became of its item: delivered,
+        # dead, in flight, waiting, backing off.
+        known = ("a1", "b1", "a2", "a3", "b2", "c1", "e1")
+        assert store.enqueue(A, [Accept(k, "x", {}) for k in known], now) == [False] * 7
+        assert store.enqueue(B, [Accept(k, "x", {}) for k in ("w1", "w2")], now) == [False] * 2
+        # A key of one direction is still new work in the other.
+        assert store.enqueue(B, [Accept("a1", "x", {"key": "a1"})], now) == [True]
 
         # Alice's a2 is still out with the old worker, so a3 waits behind it;
         # bob's b2 goes; carol's c1 is still backing off.
@@ -126,9 +167,12 @@ def test_everything_stored_before_the_upgrade_is_there_after_it(v1_url):
         # The old worker settles a2 under the lease it holds: alice's a3 is next.
         a2 = Item(3, A, "alice", {"key": "a2"}, 1, 1, T0 + 1, LEASE)
         store.settle(delivered([a2], now), now)
-        assert keys(store.claim(A, 10, 300, now)) == ["a3"]
+        a3 = store.claim(A, 10, 300, now)
+        assert keys(a3) == ["a3"]
+        store.settle(delivered(a3, now), now)
         assert keys(store.claim(A, 10, 300, T0 + 100)) == ["c1"]
-        assert keys(store.claim(B, 10, 30, now, whole_runs=True)) == ["w2"]
+        w2, first_new = store.claim(B, 10, 30, now, whole_runs=True)
+        assert keys([w2, first_new]) == ["w2", "a1"]
 
         # Dead work is listed as it was, and replays.
         (dead,) = store.dead(None, 10)
@@ -137,11 +181,21 @@ def test_everything_stored_before_the_upgrade_is_there_after_it(v1_url):
         assert store.replay(None, A, T0 + 200) == 1
         (b1,) = store.claim(A, 10, 30, T0 + 200)
         assert (b1.payload["key"], b1.attempts) == ("b1", 1)
+        # Settled since the upgrade or replayed, a key is still known.
+        again = [Accept(k, "x", {}) for k in ("a2", "a3", "b1")]
+        assert store.enqueue(A, again, now) == [False] * 3
 
-        # New work gets ids after every id the old table handed out.
+        # Purged, delivered work from before the upgrade is forgotten, key and
+        # all, as purged work always was.
+        assert store.purge(T0 + 1.5) == 1  # a1, delivered at T0 + 1
+        assert store.enqueue(A, [Accept("a1", "alice", {"key": "a1"})], T0 + 200) == [True]
+        assert store.enqueue(A, [Accept("e1", "erin", {})], T0 + 200) == [False]
+
+        # New work gets ids after every id ever handed out.
         store.enqueue(A, [Accept("f1", "frank", {"key": "f1"})], T0 + 200)
-        (f1,) = store.claim(A, 10, 30, T0 + 200)
-        assert f1.id > 9
+        new = store.claim(A, 10, 30, T0 + 200)
+        assert sorted(keys(new)) == ["a1", "f1"]
+        assert min(item.id for item in [first_new, *new]) > last_id
     finally:
         store.close()
 
@@ -158,11 +212,12 @@ store.close()
 """
 
 
-def test_processes_starting_at_once_migrate_once(v1_url):
+def test_processes_starting_at_once_migrate_once(old_store):
+    url, _ = old_store
     start_at = str(time.time() + 2)
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", STARTER % (T0 + 10), v1_url, start_at],
+            [sys.executable, "-c", STARTER % (T0 + 10), url, start_at],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -174,11 +229,31 @@ def test_processes_starting_at_once_migrate_once(v1_url):
     # Each saw the migrated store whole, whichever of them migrated it.
     seen = {out.strip() for out, _ in outputs}
     assert len(seen) == 1, seen
-    store = open_store(v1_url)
+    store = open_store(url)
     try:
         assert str(sorted(store.counts(T0 + 10).items())) == seen.pop()
         assert sum(store.counts(T0 + 10).values()) == len(V1_ROWS)
         assert len(store.dead(None, 10)) == 1
     finally:
         store.close()
-    assert schema_version(v1_url) == 2
+    assert schema_version(url) == current_version(url)
+
+
+def sqlite_layout(url: str) -> list[tuple]:
+    with sqlite3.connect(url[len("sqlite:///") :]) as conn:
+        return conn.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name"
+        ).fetchall()
+
+
+@pytest.mark.parametrize("make", [make_v1_sqlite, make_v2_sqlite], ids=["v1", "v2"])
+def test_a_migrated_sqlite_file_has_the_layout_of_a_new_one(tmp_path, make):
+    for name in ("old", "new"):
+        if name == "old":
+            make(f"sqlite:///{tmp_path}/old.db")
+        store = open_store(f"sqlite:///{tmp_path}/{name}.db")
+        store.check(T0)
+        store.close()
+    assert sqlite_layout(f"sqlite:///{tmp_path}/old.db") == sqlite_layout(
+        f"sqlite:///{tmp_path}/new.db"
+    )

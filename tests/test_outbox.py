@@ -59,6 +59,37 @@ def test_a_duplicate_of_delivered_work_is_still_recognised(store):
     assert claim_keys(store, T0 + 60) == []
 
 
+def test_a_key_is_known_until_its_delivered_item_is_purged(store):
+    users = {"delivered": "u1", "dead": "u2", "backing-off": "u3", "out": "u4", "waiting": "u4"}
+    store.enqueue(A, [work(key, user) for key, user in users.items()], T0)
+    # "out" stays out (and "waiting" behind it) for the whole test.
+    items = {item.payload["key"]: item for item in store.claim(A, 10, 300, T0)}
+    store.settle(
+        [
+            settle(items["delivered"], Outcome(SUCCEEDED), T0, LIMITS),
+            settle(items["dead"], Outcome(PERMANENT, "400", "4xx"), T0, LIMITS),
+            settle(items["backing-off"], Outcome(RETRY, "503", retry_after=600), T0, LIMITS),
+        ],
+        T0,
+    )
+    again = [work(key, "someone-else") for key in users]
+    assert store.enqueue(A, again, T0 + 1) == [False] * 5
+    # Replayed work keeps its key, and so does work that dies again.
+    assert store.replay(None, A, T0 + 2) == 1
+    assert store.enqueue(A, [work("dead", "u9")], T0 + 2) == [False]
+    (dead,) = store.claim(A, 10, 30, T0 + 2)
+    finish(store, [dead], Outcome(PERMANENT, "400", "4xx"), now=T0 + 2)
+    assert store.enqueue(A, [work("dead", "u9")], T0 + 3) == [False]
+    # Purging forgets delivered work's key: the same message is new work,
+    # with an id of its own.
+    assert store.purge(T0 + 50) == 1
+    assert store.enqueue(A, again, T0 + 60) == [True, False, False, False, False]
+    (new,) = store.claim(A, 10, 30, T0 + 60)
+    assert (new.payload["key"], new.order_key) == ("delivered", "someone-else")
+    assert new.id > max(item.id for item in items.values())
+    assert store.counts(T0 + 60) == {(A, DEAD): 1, (A, IN_FLIGHT): 2, (A, PENDING): 2}
+
+
 # -- claims, leases and per-user order ---------------------------------------
 
 

@@ -94,7 +94,8 @@ class Tables:
     """Direct reads of a store's tables, for the invariants below."""
 
     def __init__(self, url: str):
-        if url.startswith("sqlite:///"):
+        self.sqlite = url.startswith("sqlite:///")
+        if self.sqlite:
             self.conn = sqlite3.connect(url[len("sqlite:///") :])
         else:
             import psycopg
@@ -127,6 +128,15 @@ def check_invariants(tables: Tables, store, now: float) -> None:
         expected[direction, state] += n
     assert store.counts(now) == {key: n for key, n in expected.items() if n}
     assert tables.rows("SELECT id FROM outbox INTERSECT SELECT id FROM outbox_history") == []
+    if tables.sqlite:
+        # The keys table knows every item's key, and nothing else: a purged
+        # item's key goes with it.
+        assert sorted(tables.rows("SELECT direction, dedup_key FROM outbox_keys")) == sorted(
+            tables.rows(
+                "SELECT direction, dedup_key FROM outbox"
+                " UNION ALL SELECT direction, dedup_key FROM outbox_history"
+            )
+        )
 
 
 def oldest_of(tables: Tables, direction: str, order_key: str) -> list[int]:

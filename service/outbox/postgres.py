@@ -1,12 +1,15 @@
 """The shared outbox: one PostgreSQL database for every instance of the service.
 
 Semantics are those of `SQLiteStore`, item for item, and so is the layout
-(schema version 2): `outbox` holds unfinished work, each user's oldest item
-there marked as its head; claims read `outbox_heads`, an index over heads
-alone; delivered and dead work lives in `outbox_history`; `outbox_counts` and
-`outbox_leases` keep the numbers `counts` shows. What differs is that SQLite serialises every
-writer, while here web processes, delivery threads and `outbox deliver`
-processes on several machines write at once. The comments on `CLAIM`,
+(schema version 2) but for the de-duplication keys: `outbox` holds unfinished
+work, each user's oldest item there marked as its head; claims read
+`outbox_heads`, an index over heads alone; delivered and dead work lives in
+`outbox_history`; `outbox_counts` and `outbox_leases` keep the numbers `counts`
+shows. Keys are checked in the unique indexes of `outbox` and `outbox_history`
+(SQLite keeps them in a table of their own; docs/service-decisions.md,
+"Outbox", says why here they need not be). What differs too is that SQLite
+serialises every writer, while here web processes, delivery threads and
+`outbox deliver` processes on several machines write at once. The comments on `CLAIM`,
 `CLAIM_RUNS` and `_lock_users` explain why one user's work still goes out one
 item at a time, in order.
 

@@ -1,15 +1,21 @@
 """The embedded outbox: one SQLite file in WAL mode, shared by every process on
 the machine (gunicorn workers and `outbox deliver` alike).
 
-The layout (schema version 2, the same as PostgreSQL's; docs/service-decisions.md,
-"Outbox", says why):
+The layout (schema version 3; PostgreSQL's, version 2, differs only in where
+de-duplication looks; docs/service-decisions.md, "Outbox", says why):
+- `outbox_keys` holds every de-duplication key the store knows, (direction,
+  dedup_key), written once at enqueue and deleted only when purge removes its
+  item's history. It is the only index on the keys: messageIds are random, so
+  each write to such an index lands anywhere in it, and moving an item from
+  `outbox` to `outbox_history` then wrote two of them (out of one, into the
+  other), which slowed a million-item drain to a third of its rate.
 - `outbox` holds unfinished work only. Each user's oldest item in it is that
   user's head (`head = 1`), and claims start from heads only, through
   `outbox_heads`, an index over heads alone in the order they fall due. A
   claim so reads the rows it hands out, whatever the backlog's size or shape:
   a user with 10,000 items waiting is one row in that index, not 10,000.
-- `outbox_history` holds delivered and dead work: what de-duplication,
-  `outbox dead` and `replay` need. Claims never read it, and purging it never
+- `outbox_history` holds delivered and dead work: what `outbox dead`,
+  `replay` and `purge` need. Claims never read it, and purging it never
   touches `outbox`.
 - `outbox_counts` keeps the number of items per direction and state, changed
   in the transaction that moves them, and `outbox_leases` one row per claim
@@ -50,7 +56,7 @@ from service.outbox import (
 )
 from service.results import Accept
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Migrations by the version they lead to; each runs in the write transaction
 # that records its version (see _create_schema).
@@ -138,20 +144,96 @@ INSERT INTO outbox_leases (lease, direction, until, n)
     SELECT lease, direction, max(available_at), count(*) FROM outbox
     WHERE lease IS NOT NULL GROUP BY lease, direction;
 """,
+    # The keys move to a table of their own, and both item tables lose their
+    # UNIQUE (direction, dedup_key). SQLite cannot drop a constraint, so each is
+    # rebuilt under a new name, copied, and renamed back. `outbox`'s
+    # AUTOINCREMENT sequence goes with it: the new table's entry is written
+    # before any row is copied, at the highest id ever handed out, so no id of
+    # the old table (or of history, which took its ids from it) comes again.
+    # (Renaming a table renames its sqlite_sequence entry; dropping one
+    # deletes it.) Leases, heads and attempts are copied as they are.
+    3: """
+CREATE TABLE outbox_keys (
+    direction TEXT NOT NULL,
+    dedup_key TEXT NOT NULL,
+    PRIMARY KEY (direction, dedup_key)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO outbox_keys (direction, dedup_key)
+    SELECT direction, dedup_key FROM outbox
+    UNION ALL
+    SELECT direction, dedup_key FROM outbox_history
+    ORDER BY direction, dedup_key;
+CREATE TABLE outbox_v3 (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    direction    TEXT    NOT NULL,
+    dedup_key    TEXT    NOT NULL,
+    order_key    TEXT    NOT NULL,
+    payload      TEXT    NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    progress     INTEGER NOT NULL DEFAULT 0,
+    available_at REAL    NOT NULL,
+    lease        TEXT,
+    last_error   TEXT,
+    created_at   REAL    NOT NULL,
+    updated_at   REAL    NOT NULL,
+    head         INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO sqlite_sequence (name, seq)
+    SELECT 'outbox_v3',
+           max(coalesce((SELECT max(seq) FROM sqlite_sequence WHERE name = 'outbox'), 0),
+               coalesce((SELECT max(id) FROM outbox), 0),
+               coalesce((SELECT max(id) FROM outbox_history), 0));
+INSERT INTO outbox_v3 (id, direction, dedup_key, order_key, payload, attempts, progress,
+                       available_at, lease, last_error, created_at, updated_at, head)
+    SELECT id, direction, dedup_key, order_key, payload, attempts, progress, available_at, lease,
+           last_error, created_at, updated_at, head
+    FROM outbox;
+DROP TABLE outbox;
+ALTER TABLE outbox_v3 RENAME TO outbox;
+CREATE INDEX outbox_user ON outbox (direction, order_key, id);
+CREATE INDEX outbox_heads ON outbox (direction, available_at, id) WHERE head = 1;
+CREATE INDEX outbox_age ON outbox (direction, created_at) WHERE head = 1;
+CREATE TABLE outbox_history_v3 (
+    id           INTEGER PRIMARY KEY,
+    direction    TEXT    NOT NULL,
+    dedup_key    TEXT    NOT NULL,
+    order_key    TEXT    NOT NULL,
+    payload      TEXT    NOT NULL,
+    state        TEXT    NOT NULL,
+    attempts     INTEGER NOT NULL,
+    progress     INTEGER NOT NULL,
+    last_error   TEXT,
+    created_at   REAL    NOT NULL,
+    updated_at   REAL    NOT NULL
+);
+INSERT INTO outbox_history_v3 (id, direction, dedup_key, order_key, payload, state, attempts,
+                               progress, last_error, created_at, updated_at)
+    SELECT id, direction, dedup_key, order_key, payload, state, attempts, progress, last_error,
+           created_at, updated_at
+    FROM outbox_history;
+DROP TABLE outbox_history;
+ALTER TABLE outbox_history_v3 RENAME TO outbox_history;
+CREATE INDEX outbox_history_delivered ON outbox_history (updated_at) WHERE state = 'delivered';
+CREATE INDEX outbox_history_dead ON outbox_history (id) WHERE state = 'dead';
+""",
 }
+
+# An item is new when its key is: the key stays until its item's history is
+# purged, whether the item waits, is out, was delivered, is dead or replayed.
+KEY = """
+INSERT INTO outbox_keys (direction, dedup_key) VALUES (:direction, :dedup_key)
+ON CONFLICT (direction, dedup_key) DO NOTHING
+"""
 
 # A new item is its user's head when the user has nothing else unfinished.
 # Rows are inserted one by one in one write transaction, so each sees the ones
-# before it. Duplicates of delivered or dead work are recognised in history.
+# before it.
 INSERT = """
 INSERT INTO outbox (direction, dedup_key, order_key, payload, available_at, created_at,
                     updated_at, head)
 SELECT :direction, :dedup_key, :order_key, :payload, :now, :now, :now,
        NOT EXISTS (SELECT 1 FROM outbox INDEXED BY outbox_user
                    WHERE direction = :direction AND order_key = :order_key)
-WHERE NOT EXISTS (SELECT 1 FROM outbox_history
-                  WHERE direction = :direction AND dedup_key = :dedup_key)
-ON CONFLICT (direction, dedup_key) DO NOTHING
 """
 
 # Only heads are claimed, and a claimed head is not due again until its lease
@@ -259,8 +341,11 @@ DELETE FROM outbox_history WHERE id IN (
     SELECT id FROM outbox_history INDEXED BY outbox_history_delivered
     WHERE state = 'delivered' AND updated_at < ?
     LIMIT ?)
-RETURNING direction
+RETURNING direction, dedup_key
 """
+
+# A purged item's key is forgotten with it: the same message would be new work.
+FORGET = "DELETE FROM outbox_keys WHERE direction = ? AND dedup_key = ?"
 
 # Replay and purge work in batches, each its own transaction, so a large one
 # does not hold the write lock (and ingest) for long.
@@ -353,6 +438,13 @@ class SQLiteStore:
                     conn.execute(statement)
             if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version < SCHEMA_VERSION:
+            # A migration's transaction went through the write-ahead log whole
+            # (schema 3's copies every row), and the log keeps its size until
+            # the last connection closes: this gives the disk back now. In
+            # turn with writes, so no writer waits in SQLite's busy handler.
+            with self._write_lock, self._between_processes():
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._ready = True
 
     @contextmanager
@@ -451,9 +543,7 @@ class SQLiteStore:
             with self._write() as conn:
                 added: Counter[tuple[str, str]] = Counter()
                 for request in group:
-                    request.inserted = [
-                        conn.execute(INSERT, row).rowcount == 1 for row in request.rows
-                    ]
+                    request.inserted = [_insert(conn, row) for row in request.rows]
                     added[request.direction, PENDING] += sum(request.inserted)
                 _count(conn, added)
             error = None
@@ -591,7 +681,9 @@ class SQLiteStore:
         while True:
             with self._write() as conn:
                 gone = conn.execute(PURGE, (delivered_before, BATCH)).fetchall()
-                _count(conn, Counter({(d, DELIVERED): -n for (d,), n in Counter(gone).items()}))
+                conn.executemany(FORGET, gone)
+                deltas = Counter(direction for direction, _ in gone)
+                _count(conn, Counter({(d, DELIVERED): -n for d, n in deltas.items()}))
             purged += len(gone)
             if len(gone) < BATCH:
                 return purged
@@ -611,6 +703,14 @@ class SQLiteStore:
         if self._lock_pid == os.getpid():
             os.close(self._lock_fd)
             self._lock_pid = None
+
+
+def _insert(conn: sqlite3.Connection, row: dict) -> bool:
+    """Store one row unless its key is known: whether it was stored."""
+    if conn.execute(KEY, row).rowcount != 1:
+        return False
+    conn.execute(INSERT, row)
+    return True
 
 
 def _runs(conn: sqlite3.Connection, direction: str, limit: int, now: float) -> list[int]:
