@@ -103,8 +103,20 @@ def ignore_further_stops() -> None:
     way out (its wake-up would write to a pipe the loop has closed). Whoever
     waits still bounds the exit: gunicorn's master kills a worker after
     graceful_timeout (2 s after a quick stop that follows a SIGTERM)."""
+    sys.unraisablehook = _quiet_about_ignored_stops
     for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(stop, signal.SIG_IGN)
+
+
+def _quiet_about_ignored_stops(unraisable) -> None:
+    # A stop that arrived just before it was ignored, and whose Python handler
+    # had not run yet, is reported by Python as "Signal 15 ignored due to race
+    # condition" on stderr: a line outside the JSON log, about a signal meant
+    # to be ignored. Everything else goes to Python's own hook.
+    value = getattr(unraisable, "exc_value", None)
+    if isinstance(value, OSError) and "ignored due to race condition" in str(value):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 class Worker(ThreadWorker):
