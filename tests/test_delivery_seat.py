@@ -114,6 +114,16 @@ def _free(master: int) -> bool:
     return True
 
 
+def service_env(outbox, vero_url: str) -> dict[str, str]:
+    """Direction A on a SQLite outbox, delivering to `vero_url`."""
+    return {
+        "DATABASE_URL": f"sqlite:///{outbox}",
+        "VERO_AUTH_TOKEN": "seat-vero-token",
+        "VERO_API_URL": vero_url,
+        "SEGMENT_SHARED_SECRET": SECRET,
+    }
+
+
 def deliverers(log: str) -> list[int]:
     return [int(pid) for pid in re.findall(r"Worker (\d+) delivers and serves no requests", log)]
 
@@ -121,10 +131,7 @@ def deliverers(log: str) -> list[int]:
 def test_under_gunicorn_one_extra_worker_delivers_woken_at_once_and_is_replaced(tmp_path):
     vero = Upstream().start()
     env = {
-        "DATABASE_URL": f"sqlite:///{tmp_path}/outbox.db",
-        "VERO_AUTH_TOKEN": "seat-vero-token",
-        "VERO_API_URL": vero.url,
-        "SEGMENT_SHARED_SECRET": SECRET,
+        **service_env(tmp_path / "outbox.db", vero.url),
         "WEB_CONCURRENCY": "2",
         # Longer than any wait below: only the doorbell delivers in time.
         "DELIVERY_POLL_SECONDS": "60",
@@ -172,12 +179,7 @@ def test_a_server_of_one_worker_serves_and_delivers(tmp_path):
     # GUNICORN_CMD_ARGS) override gunicorn.conf.py's count, one more than
     # WEB_CONCURRENCY: the only worker must not stop serving to deliver.
     vero = Upstream().start()
-    env = {
-        "DATABASE_URL": f"sqlite:///{tmp_path}/outbox.db",
-        "VERO_AUTH_TOKEN": "seat-vero-token",
-        "VERO_API_URL": vero.url,
-        "SEGMENT_SHARED_SECRET": SECRET,
-    }
+    env = service_env(tmp_path / "outbox.db", vero.url)
     try:
         with Service(env, tmp_path / "service.log", args=("--workers", "1")) as service:
             answer = requests.post(
@@ -218,10 +220,7 @@ def test_servers_whose_masters_share_a_pid_each_deliver(tmp_path):
             port = free_port()
             env = {
                 "PATH": os.environ["PATH"],
-                "DATABASE_URL": f"sqlite:///{tmp_path}/outbox-{number}.db",
-                "VERO_AUTH_TOKEN": "seat-vero-token",
-                "VERO_API_URL": vero.url,
-                "SEGMENT_SHARED_SECRET": SECRET,
+                **service_env(tmp_path / f"outbox-{number}.db", vero.url),
                 "WEB_CONCURRENCY": "1",
             }
             command = [str(GUNICORN), "wsgi:app", "--bind", f"127.0.0.1:{port}"]
