@@ -110,6 +110,15 @@ class Load:
             return len(self.acked)
 
 
+def arrived(vero: Upstream, segment: Upstream) -> set:
+    """What reached the upstreams, in the shape Load records acknowledgements."""
+    at_vero = {("/v1", user, seq) for user, seq in delivered(vero_attempts(vero.snapshot()))}
+    at_segment = {
+        ("/ve", user, seq) for user, seq in delivered(segment_attempts(segment.snapshot()))
+    }
+    return at_vero | at_segment
+
+
 def start(line: str, env: dict[str, str], log: Path) -> subprocess.Popen:
     """A Procfile line as its own process group, as a dyno runs it."""
     return subprocess.Popen(
@@ -219,16 +228,9 @@ def test_repeated_sigterms_under_load_stop_every_process_in_time_and_lose_nothin
         procs = [start(line, env, log) for line, log in zip(lines, logs, strict=True)]
         ready(url, procs, logs)
 
-        def all_delivered() -> bool:
-            at_vero = {
-                ("/v1", user, seq) for user, seq in delivered(vero_attempts(vero.snapshot()))
-            }
-            at_segment = {
-                ("/ve", user, seq) for user, seq in delivered(segment_attempts(segment.snapshot()))
-            }
-            return acked <= at_vero | at_segment
-
-        wait_until(all_delivered, 60, "acknowledged messages not all delivered")
+        wait_until(
+            lambda: arrived(vero, segment) >= acked, 60, "acknowledged messages not all delivered"
+        )
         assert {kind for kind, _, _ in acked} == {"/v1", "/ve"}
         terminate_all([proc.pid for proc in procs], [0.0])
         for proc in procs:
@@ -285,16 +287,9 @@ def test_a_quick_stop_after_sigterm_lets_every_worker_finish_its_exit(tmp_path, 
         proc = start("web", env, log)
         ready(url, [proc], [log])
 
-        def all_delivered() -> bool:
-            at_vero = {
-                ("/v1", user, seq) for user, seq in delivered(vero_attempts(vero.snapshot()))
-            }
-            at_segment = {
-                ("/ve", user, seq) for user, seq in delivered(segment_attempts(segment.snapshot()))
-            }
-            return acked <= at_vero | at_segment
-
-        wait_until(all_delivered, 60, "acknowledged messages not all delivered")
+        wait_until(
+            lambda: arrived(vero, segment) >= acked, 60, "acknowledged messages not all delivered"
+        )
         terminate_all([proc.pid], [0.0])
         assert proc.wait(GRACE_SECONDS) == 0
     finally:
